@@ -1,0 +1,1 @@
+"""pgcoord benchmarks: ``python -m bench NAME`` (never run as tests)."""

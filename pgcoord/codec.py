@@ -1,0 +1,78 @@
+"""JSON encoding of messages, job payloads and cache values (pure, no I/O).
+
+pgcoord accepts *JSON data* only: ``None``, ``bool``, ``int``, ``float``, ``str``, ``list`` and
+``dict`` with ``str`` keys, nested. Anything else raises :class:`~pgcoord.errors.InvalidTypeError`
+before a write, because a fast encoder would otherwise silently turn a datetime, a tuple or a
+NaN into something that does not round-trip.
+
+Encoded values travel as ``text`` (never ``jsonb``): Postgres ``jsonb`` refuses ``\\u0000``, and
+skipping the server-side parse is also faster. NUL characters and any Unicode round-trip.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import orjson
+
+from pgcoord.errors import InvalidInputError, InvalidTypeError
+
+JSON = None | bool | int | float | str | list[Any] | dict[str, Any]
+
+# Deeper documents are refused rather than risking RecursionError in the walk.
+_MAX_DEPTH = 200
+
+
+def _check(value: object, path: str, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        raise InvalidInputError(f"JSON value nested deeper than {_MAX_DEPTH} levels at {path}")
+    if value is None or isinstance(value, bool | str):
+        return
+    if isinstance(value, int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInputError(f"{value!r} at {path} is not representable in JSON")
+        return
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _check(item, f"{path}[{index}]", depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidTypeError(
+                    f"dict key {key!r} at {path} is a {type(key).__name__}; JSON keys must be str"
+                )
+            _check(item, f"{path}[{key!r}]", depth + 1)
+        return
+    raise InvalidTypeError(
+        f"{type(value).__name__} at {path} is not JSON data "
+        "(allowed: None, bool, int, float, str, list, dict with str keys)"
+    )
+
+
+def encode(value: object, what: str = "value") -> str:
+    """Validate ``value`` as JSON data and return its JSON text."""
+    _check(value, what, 0)
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        # orjson refuses ints beyond 64 bits and strings with lone surrogates; the standard
+        # library handles both (surrogates as \\uXXXX escapes), so fall back to it.
+        return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
+def decode(text: str | bytes) -> Any:
+    """Parse JSON text written by :func:`encode`."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def encoded_size(text: str) -> int:
+    """Size in bytes of encoded text as Postgres counts it (UTF-8)."""
+    return len(text.encode())

@@ -1,0 +1,112 @@
+"""What every service gets from its Coordinator, and the base class services derive from.
+
+Services are built when the Coordinator is constructed (so ``subscribe`` before ``start()``
+works) and reach the pool and the listener through :class:`Runtime`, which raises
+:class:`NotRunningError` while the Coordinator is not running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from pgcoord import _driver, names
+from pgcoord.errors import NotRunningError
+from pgcoord.listener import Listener
+
+
+class Runtime:
+    """Shared state of one Coordinator: names, options, and (while running) pool and listener."""
+
+    def __init__(
+        self,
+        *,
+        app: str,
+        schema: str,
+        instance_id: str,
+        options: Mapping[str, Any],
+        connect_timeout: float,
+    ) -> None:
+        self.app = app
+        self.schema = schema
+        self.instance_id = instance_id
+        self.options = dict(options)
+        self.connect_timeout = connect_timeout
+        self.dsn: str | None = None
+        self._pool: AsyncConnectionPool | None = None
+        self._listener: Listener | None = None
+        self.running = False
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        """The work pool (autocommit connections)."""
+        if self._pool is None or not self.running:
+            raise NotRunningError(
+                "the pgcoord Coordinator is not running; use `async with coord:` or await coord.start()"
+            )
+        return self._pool
+
+    @property
+    def listener(self) -> Listener:
+        """The process's LISTEN connection (exists from start until stop)."""
+        if self._listener is None:
+            raise NotRunningError(
+                "the pgcoord Coordinator is not running; use `async with coord:` or await coord.start()"
+            )
+        return self._listener
+
+    def check_running(self) -> None:
+        """Raise :class:`NotRunningError` unless the Coordinator is running."""
+        if not self.running:
+            raise NotRunningError(
+                "the pgcoord Coordinator is not running (not started yet, or stopped)"
+            )
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Borrow an autocommit pool connection; psycopg errors come out as pgcoord errors."""
+        async with _driver.pooled(self.pool, self.dsn) as conn:
+            yield conn
+
+    def table(self, name: str) -> sql.Identifier:
+        """A schema-qualified table identifier for SQL composed with ``psycopg.sql``."""
+        return sql.Identifier(self.schema, name)
+
+    def channel(self, service: str, name: str) -> str:
+        """The Postgres channel carrying ``name`` for ``service`` in this app."""
+        return names.pg_channel(self.schema, self.app, service, name)
+
+    def advisory_key(self, service: str, name: str) -> int:
+        """The 64-bit advisory lock key for ``name`` in ``service`` of this app."""
+        return names.advisory_key(self.schema, self.app, service, name)
+
+
+class Service:
+    """Base of the managers: lifecycle hooks the Coordinator calls, and per-service options.
+
+    ``OPTIONS`` maps each option a service accepts (as a ``Coordinator(**options)`` keyword) to
+    its default; the Coordinator refuses unknown keywords.
+    """
+
+    OPTIONS: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    def option(self, name: str) -> Any:
+        """The configured value of one of this service's ``OPTIONS``."""
+        return self._rt.options.get(name, self.OPTIONS[name])
+
+    async def _start(self) -> None:
+        """Called by ``Coordinator.start()`` once the pool and listener are up."""
+
+    async def _stop(self) -> None:
+        """Called by ``Coordinator.stop()`` before the pool and listener close."""
+
+    async def _on_reconnect(self) -> None:
+        """Called after the listener reconnected: notifications may have been missed."""
