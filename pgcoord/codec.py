@@ -31,6 +31,10 @@ def _check(value: object, path: str, depth: int) -> None:
     if value is None or isinstance(value, bool | str):
         return
     if isinstance(value, int):
+        # orjson reads integers beyond 64 bits back as floats (silently losing digits), and most
+        # JSON consumers cannot hold them either: refuse them rather than corrupt them.
+        if not -(2**63) <= value < 2**64:
+            raise InvalidInputError(f"integer at {path} does not fit in 64 bits; send it as a str")
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -60,8 +64,8 @@ def encode(value: object, what: str = "value") -> str:
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError:
-        # orjson refuses ints beyond 64 bits and strings with lone surrogates; the standard
-        # library handles both (surrogates as \\uXXXX escapes), so fall back to it.
+        # orjson refuses strings with lone surrogates; the standard library writes them as
+        # \uXXXX escapes, which decode back to the same string.
         return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
 
 

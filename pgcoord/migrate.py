@@ -79,23 +79,30 @@ def _engine(dsn: str, connect_timeout: float) -> sa.Engine:
 def _run_locked(dsn: str, schema: str, connect_timeout: float, action: str, revision: str) -> None:
     engine = _engine(dsn, connect_timeout)
     try:
-        with _driver.translated(dsn), engine.connect() as conn:
-            key = migration_lock_key(schema)
-            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            conn.commit()  # the session lock outlives this transaction
-            try:
-                cfg = alembic_config(schema, connection=conn)
-                if action == "upgrade":
-                    command.upgrade(cfg, revision)
-                else:
-                    command.downgrade(cfg, revision)
-                conn.commit()
-            finally:
-                conn.rollback()
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
+        _run_on(engine, dsn, schema, action, revision)
+    except sa.exc.DBAPIError as exc:
+        # SQLAlchemy wraps the driver's error; translate the original one.
+        raise _driver.translate(exc.orig or exc, dsn) from exc
     finally:
         engine.dispose()
+
+
+def _run_on(engine: sa.Engine, dsn: str, schema: str, action: str, revision: str) -> None:
+    with _driver.translated(dsn), engine.connect() as conn:
+        key = migration_lock_key(schema)
+        conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        conn.commit()  # the session lock outlives this transaction
+        try:
+            cfg = alembic_config(schema, connection=conn)
+            if action == "upgrade":
+                command.upgrade(cfg, revision)
+            else:
+                command.downgrade(cfg, revision)
+            conn.commit()
+        finally:
+            conn.rollback()
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
 
 
 def upgrade(

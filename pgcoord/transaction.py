@@ -73,21 +73,30 @@ def sync_connection(transaction: object) -> psycopg.Connection[Any]:
     raise InvalidTypeError(f"transaction= must be {_ACCEPTED}, not {type(transaction).__name__}")
 
 
+def _sa_async_kinds() -> tuple[Any, Any] | None:
+    """SQLAlchemy's AsyncConnection and AsyncSession, or None when its asyncio extension
+    (which needs greenlet) is unavailable: then no caller can hold one either."""
+    try:
+        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+    except ImportError:
+        return None
+    return AsyncConnection, AsyncSession
+
+
 async def any_connection(
     transaction: object,
 ) -> psycopg.Connection[Any] | psycopg.AsyncConnection[Any]:
     """The psycopg connection (sync or async) behind any accepted ``transaction=`` argument."""
-    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
-    from sqlalchemy.ext.asyncio import AsyncSession
-
     conn: object = transaction
-    if isinstance(conn, AsyncSession):
-        conn = await conn.connection()
-    if isinstance(conn, SAAsyncConnection):
-        raw = await conn.get_raw_connection()
-        driver = _driver_of(raw)
-        _check_open(driver)
-        return driver
+    kinds = _sa_async_kinds()
+    if kinds is not None:
+        sa_async_connection, sa_async_session = kinds
+        if isinstance(conn, sa_async_session):
+            conn = await conn.connection()
+        if isinstance(conn, sa_async_connection):
+            driver = _driver_of(await conn.get_raw_connection())
+            _check_open(driver)
+            return driver
     if isinstance(conn, psycopg.AsyncConnection):
         _check_open(conn)
         return conn
@@ -97,18 +106,10 @@ async def any_connection(
 def check_transaction(transaction: object) -> None:
     """Raise ``TypeError`` early when ``transaction`` is of no accepted kind (no I/O)."""
     from sqlalchemy.engine import Connection as SAConnection
-    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
-    from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session
 
-    kinds = (
-        psycopg.Connection,
-        psycopg.AsyncConnection,
-        SAConnection,
-        SAAsyncConnection,
-        Session,
-        AsyncSession,
-    )
+    kinds: tuple[type, ...] = (psycopg.Connection, psycopg.AsyncConnection, SAConnection, Session)
+    kinds += _sa_async_kinds() or ()
     if not isinstance(transaction, kinds):
         raise InvalidTypeError(
             f"transaction= must be {_ACCEPTED}, not {type(transaction).__name__}"

@@ -1,0 +1,138 @@
+"""The ``pgcoord`` command: ``migrate``, ``demo``, ``server``, and what services add (``jobs``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from pgcoord.coordinator import DSN_ENV
+from pgcoord.errors import PgcoordError
+
+
+def resolve_cli_dsn(dsn: str | None) -> str:
+    """``--dsn``, else ``$PGCOORD_DSN``, else the embedded server (started if needed)."""
+    chosen = dsn or os.environ.get(DSN_ENV)
+    if chosen:
+        return chosen
+    from pgcoord.embedded import ensure_server
+
+    return ensure_server()
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from pgcoord import migrate
+
+    if args.sql:
+        sys.stdout.write(migrate.upgrade_sql(args.schema))
+        return 0
+    dsn = resolve_cli_dsn(args.dsn)
+    migrate.upgrade(dsn, args.schema)
+    print(f"pgcoord schema {args.schema!r} is at revision {migrate.head_revision()}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pgcoord.demo import run_demo
+
+    return asyncio.run(run_demo(dsn=args.dsn, instances=args.instances))
+
+
+def _cmd_demo_instance(args: argparse.Namespace) -> int:
+    from pgcoord.demo import run_instance
+
+    return asyncio.run(run_instance(args.name, args.peers, args.dsn))
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from pgcoord.embedded import default_data_dir, ensure_server, stop_server
+
+    data_dir = default_data_dir()
+    if args.action == "start":
+        print(ensure_server(data_dir))
+    elif args.action == "stop":
+        print("stopped" if stop_server(data_dir) else f"no embedded server runs in {data_dir}")
+    else:
+        running = (data_dir / "postmaster.pid").exists()
+        print(f"embedded server in {data_dir}: {'running' if running else 'not running'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``pgcoord`` command."""
+    parser = argparse.ArgumentParser(
+        prog="pgcoord", description="Coordinate app instances through PostgreSQL."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--dsn",
+            default=None,
+            help=f"PostgreSQL DSN (default: ${DSN_ENV}, else the embedded server)",
+        )
+        p.add_argument(
+            "--schema", default="pgcoord", help="schema holding pgcoord's tables (default: pgcoord)"
+        )
+        p.add_argument("--app", default="main", help="application namespace (default: main)")
+
+    migrate = sub.add_parser("migrate", help="create or upgrade pgcoord's tables")
+    common(migrate)
+    migrate.add_argument(
+        "--sql",
+        action="store_true",
+        help="print the DDL instead of running it (no database needed)",
+    )
+    migrate.set_defaults(func=_cmd_migrate)
+
+    demo = sub.add_parser(
+        "demo", help="run a live multi-instance demo (embedded server by default)"
+    )
+    demo.add_argument(
+        "--dsn",
+        default=None,
+        help=f"PostgreSQL DSN (default: ${DSN_ENV}, else the embedded server)",
+    )
+    demo.add_argument(
+        "--instances", type=int, default=2, help="how many instance processes (default: 2)"
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+    instance = sub.add_parser("demo-instance", help=argparse.SUPPRESS)
+    instance.add_argument("name")
+    instance.add_argument("peers", type=int)
+    instance.add_argument("--dsn", required=True)
+    instance.set_defaults(func=_cmd_demo_instance)
+
+    server = sub.add_parser("server", help="manage the embedded PostgreSQL server")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.set_defaults(func=_cmd_server)
+
+    try:
+        from pgcoord.queue import cli as queue_cli
+    except ImportError:  # the queue service adds `pgcoord jobs`
+        pass
+    else:
+        register = getattr(queue_cli, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pgcoord`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except PgcoordError as exc:
+        print(f"pgcoord: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
