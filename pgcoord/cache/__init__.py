@@ -1,19 +1,13 @@
-"""The CacheManager service (being built)."""
+"""The cache service: named caches on an UNLOGGED Postgres table (or in memory), with TTLs,
+a batched sweeper, single-flight ``wrap`` across the cluster and an opt-in near cache.
+
+See ``docs/cache.md`` for guarantees and trade-offs.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from pgcoord.cache.cache import Cache
+from pgcoord.cache.manager import CacheManager
+from pgcoord.cache.serializer import CacheSerializer, JsonCacheSerializer
 
-from pgcoord.runtime import Service
-
-
-class CacheManager(Service):
-    """CacheManager: see DESIGN.md for its API."""
-
-    @property
-    def default_cache(self) -> Any:
-        """The cache named after the app (``coord.cache``)."""
-        raise NotImplementedError
-
-
-__all__ = ["CacheManager"]
+__all__ = ["Cache", "CacheManager", "CacheSerializer", "JsonCacheSerializer"]

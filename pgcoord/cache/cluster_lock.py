@@ -1,0 +1,115 @@
+"""Cluster-wide per-key locks for ``wrap``: session advisory locks on ONE dedicated connection.
+
+Why one dedicated connection and only try-locks: a leader holds its key's lock while ``fn`` runs,
+possibly for seconds. Holding a pool connection per computing key would let many cold keys
+exhaust the pool (and deadlock a ``fn`` that itself needs the pool). A session advisory lock
+belongs to a connection, so every key this process computes is locked on the same connection;
+because that connection is shared it only ever runs ``pg_try_advisory_lock``/``unlock``, never a
+blocking wait. Waiters in other processes poll with backoff and are woken early by a NOTIFY when
+the leader finishes.
+
+The connection is opened on first use and closed after ``IDLE_CLOSE`` seconds without a held lock,
+so an idle instance keeps its two connections. If it breaks while a key is locked, the lock is
+gone with it: another instance may then compute the same key concurrently (single flight is
+best effort across connection loss, never a deadlock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import psycopg
+
+from pgcoord import _driver
+from pgcoord.runtime import Runtime
+
+log = logging.getLogger("pgcoord.cache")
+
+#: Seconds without any held lock after which the dedicated connection is closed.
+IDLE_CLOSE = 10.0
+
+
+class ClusterLocks:
+    """Try-lock / unlock of 64-bit advisory keys on one lazily opened connection."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._open_lock = asyncio.Lock()
+        self._held: set[int] = set()
+        self._idle: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        async with self._open_lock:
+            if self._conn is None or self._conn.closed:
+                self._rt.check_running()
+                assert self._rt.dsn is not None
+                self._held.clear()  # locks of a lost connection are gone with it
+                self._conn = await _driver.connect(
+                    self._rt.dsn, connect_timeout=self._rt.connect_timeout
+                )
+            return self._conn
+
+    async def try_lock(self, key: int) -> bool:
+        """Take ``key`` if free; never waits for another holder."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        conn = await self._connection()
+        try:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            row = await cur.fetchone()
+        except psycopg.Error as exc:
+            await self._discard()
+            raise _driver.translate(exc, self._rt.dsn) from exc
+        got = bool(row and row[0])
+        if got:
+            self._held.add(key)
+        else:
+            self._schedule_idle_close()
+        return got
+
+    async def unlock(self, key: int) -> None:
+        """Release ``key`` (a lost connection already released it)."""
+        self._held.discard(key)
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            try:
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            except psycopg.Error:
+                log.warning("pgcoord cache: wrap lock connection failed on unlock; reopening")
+                await self._discard()
+        self._schedule_idle_close()
+
+    def _schedule_idle_close(self) -> None:
+        if self._held or self._conn is None or self._idle is not None:
+            return
+        self._idle = asyncio.get_running_loop().call_later(IDLE_CLOSE, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._idle = None
+        if not self._held:
+            task = asyncio.create_task(self._discard())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _discard(self) -> None:
+        async with self._open_lock:
+            conn, self._conn = self._conn, None
+            self._held.clear()
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def close(self) -> None:
+        """Close the connection (releasing every lock); at stop."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        await self._discard()
