@@ -1,10 +1,16 @@
-"""queue tables.
+"""queue tables: the hot jobs table and the dead-letter table.
 
 Revision ID: 0003_queue
 Revises: 0002_messages
 """
 
 from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+from pgcoord.schema import migration_schema
+from pgcoord.schema.queue import FAILED, JOBS, JOBS_STORAGE
 
 revision = "0003_queue"
 down_revision = "0002_messages"
@@ -13,8 +19,62 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Create the queue service's tables (none yet)."""
+    """Create ``queue_jobs`` (with its claim index and autovacuum settings) and ``queue_failed``."""
+    schema = migration_schema()
+    op.create_table(
+        JOBS,
+        sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
+        sa.Column("app", sa.Text(collation="C"), nullable=False),
+        sa.Column("channel", sa.Text(collation="C"), nullable=False),
+        sa.Column("priority", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column(
+            "run_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+        sa.Column("attempt", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("retried", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("max_retries", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("timeout", sa.Float(precision=53), nullable=False),
+        sa.Column("worker", sa.Text(), nullable=True),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+        sa.Column("payload", sa.Text(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        schema=schema,
+        postgresql_with=JOBS_STORAGE,
+    )
+    op.create_index(
+        "queue_jobs_claim",
+        JOBS,
+        ["app", "channel", sa.text("priority DESC"), "run_at", "id"],
+        schema=schema,
+    )
+    op.create_table(
+        FAILED,
+        sa.Column("id", sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column("app", sa.Text(collation="C"), nullable=False),
+        sa.Column("channel", sa.Text(collation="C"), nullable=False),
+        sa.Column("priority", sa.Integer(), nullable=False),
+        sa.Column("retried", sa.Integer(), nullable=False),
+        sa.Column("max_retries", sa.Integer(), nullable=False),
+        sa.Column("timeout", sa.Float(precision=53), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column(
+            "failed_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+        sa.Column("error", sa.Text(), nullable=False),
+        sa.Column("traceback", sa.Text(), nullable=False),
+        sa.Column("payload", sa.Text(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        schema=schema,
+    )
+    op.create_index(
+        "queue_failed_app_channel", FAILED, ["app", "channel", "failed_at"], schema=schema
+    )
 
 
 def downgrade() -> None:
-    """Drop the queue service's tables (none yet)."""
+    """Drop both queue tables (their indexes go with them)."""
+    schema = migration_schema()
+    op.drop_table(FAILED, schema=schema)
+    op.drop_table(JOBS, schema=schema)

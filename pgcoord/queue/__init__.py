@@ -1,12 +1,9 @@
-"""The EventQueue service (being built)."""
+"""The event queue: durable, at-least-once jobs in PostgreSQL (see :class:`EventQueue`)."""
 
 from __future__ import annotations
 
-from pgcoord.runtime import Service
+from pgcoord.queue.context import JobContext, Signal
+from pgcoord.queue.deadletters import FailedJob
+from pgcoord.queue.service import EventQueue
 
-
-class EventQueue(Service):
-    """EventQueue: see DESIGN.md for its API."""
-
-
-__all__ = ["EventQueue"]
+__all__ = ["EventQueue", "FailedJob", "JobContext", "Signal"]

@@ -1,0 +1,140 @@
+"""The queue's SQL, composed once per schema with ``psycopg.sql`` (never string formatting).
+
+Every statement that finishes a try (complete, retry, fail, release, renew) names the job by
+``(id, attempt)``: ``attempt`` grows by one at every claim, so a worker whose lease ran out and
+whose job was claimed again cannot touch it any more (fencing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from pgcoord.schema.queue import FAILED, JOBS
+
+_JOB_COLUMNS = "id, attempt, retried, max_retries, timeout, priority, payload"
+
+
+@dataclass(frozen=True)
+class Queries:
+    """Every statement of the queue for one schema."""
+
+    publish: sql.Composed
+    publish_notify: sql.Composed
+    publish_many: sql.Composed
+    publish_many_notify: sql.Composed
+    notify: sql.SQL
+    claim: sql.Composed
+    complete: sql.Composed
+    retry: sql.Composed
+    fail: sql.Composed
+    release: sql.Composed
+    renew: sql.Composed
+    list_failed: sql.Composed
+    retry_failed: sql.Composed
+    purge_failed: sql.Composed
+    counts: sql.Composed
+
+
+def build(schema: str) -> Queries:
+    """Compose the queue's statements for tables in ``schema``."""
+    jobs = sql.Identifier(schema, JOBS)
+    failed = sql.Identifier(schema, FAILED)
+
+    def q(text: str) -> sql.Composed:
+        return sql.SQL(text).format(jobs=jobs, failed=failed)
+
+    insert_one = (
+        "INSERT INTO {jobs} (app, channel, priority, run_at, max_retries, timeout, payload) "
+        "VALUES (%(app)s, %(channel)s, %(priority)s, now() + make_interval(secs => %(delay)s), "
+        "%(max_retries)s, %(timeout)s, %(payload)s) RETURNING id"
+    )
+    insert_many = (
+        "INSERT INTO {jobs} (app, channel, priority, run_at, max_retries, timeout, payload) "
+        "SELECT %(app)s, %(channel)s, %(priority)s, now() + make_interval(secs => %(delay)s), "
+        "%(max_retries)s, %(timeout)s, p FROM unnest(%(payloads)s::text[]) AS p RETURNING id"
+    )
+    # pg_notify sits in a CTE referenced once, so it runs once per statement however many rows.
+    with_notify = "WITH ins AS ({insert}), n AS (SELECT pg_notify(%(pg_channel)s, '')) SELECT ins.id FROM ins, n"
+    # Claimable means run_at <= now(): new, delayed-and-due, retry-due, or lease expired (a
+    # dead or frozen worker's job comes back through this very query; no sweeper needed).
+    claim = (
+        "WITH c AS (SELECT id FROM {jobs} "
+        "WHERE app = %s AND channel = %s AND run_at <= now() "
+        "ORDER BY priority DESC, run_at, id LIMIT %s FOR UPDATE SKIP LOCKED) "
+        "UPDATE {jobs} AS j SET run_at = now() + make_interval(secs => %s), "
+        "attempt = j.attempt + 1, worker = %s FROM c WHERE j.id = c.id "
+        f"RETURNING j.{_JOB_COLUMNS.replace(', ', ', j.')}"
+    )
+    fenced = "unnest(%s::bigint[], %s::int[]) AS d(id, attempt)"
+    return Queries(
+        publish=q(insert_one),
+        publish_notify=sql.SQL(with_notify).format(insert=q(insert_one)),
+        publish_many=q(insert_many),
+        publish_many_notify=sql.SQL(with_notify).format(insert=q(insert_many)),
+        notify=sql.SQL("SELECT pg_notify(%s, '')"),
+        claim=q(claim),
+        complete=q(
+            f"DELETE FROM {{jobs}} AS j USING {fenced} WHERE j.id = d.id AND j.attempt = d.attempt"
+        ),
+        retry=q(
+            "UPDATE {jobs} AS j SET run_at = now() + make_interval(secs => d.delay), "
+            "retried = j.retried + 1, worker = NULL "
+            "FROM unnest(%s::bigint[], %s::int[], %s::float8[]) AS d(id, attempt, delay) "
+            "WHERE j.id = d.id AND j.attempt = d.attempt"
+        ),
+        fail=q(
+            "WITH d AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::text[], %s::text[]) "
+            "AS d(id, attempt, error, tb)), "
+            "moved AS (DELETE FROM {jobs} AS j USING d WHERE j.id = d.id AND j.attempt = d.attempt "
+            "RETURNING j.id, j.app, j.channel, j.priority, j.retried, j.max_retries, j.timeout, "
+            "j.created_at, j.payload) "
+            "INSERT INTO {failed} (id, app, channel, priority, retried, max_retries, timeout, "
+            "created_at, error, traceback, payload) "
+            "SELECT m.id, m.app, m.channel, m.priority, m.retried, m.max_retries, m.timeout, "
+            "m.created_at, d.error, d.tb, m.payload FROM moved AS m JOIN d ON d.id = m.id "
+            "ON CONFLICT (id) DO UPDATE SET error = EXCLUDED.error, traceback = EXCLUDED.traceback, "
+            "retried = EXCLUDED.retried, failed_at = now(), payload = EXCLUDED.payload"
+        ),
+        # Graceful stop: back to the queue at once, without counting a failed try.
+        release=q(
+            f"UPDATE {{jobs}} AS j SET run_at = now(), worker = NULL FROM {fenced} "
+            "WHERE j.id = d.id AND j.attempt = d.attempt"
+        ),
+        renew=q(
+            "UPDATE {jobs} AS j SET run_at = now() + make_interval(secs => %s) "
+            f"FROM {fenced} WHERE j.id = d.id AND j.attempt = d.attempt RETURNING j.id"
+        ),
+        list_failed=q(
+            "SELECT id, channel, payload, error, traceback, retried, max_retries, priority, "
+            "timeout, created_at, failed_at FROM {failed} "
+            "WHERE app = %(app)s AND (%(channel)s::text IS NULL OR channel = %(channel)s) "
+            "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
+            "ORDER BY failed_at, id LIMIT %(limit)s"
+        ),
+        # A retried dead letter keeps its id and starts over with a fresh retry budget.
+        retry_failed=q(
+            "WITH moved AS (DELETE FROM {failed} WHERE app = %(app)s "
+            "AND (%(channel)s::text IS NULL OR channel = %(channel)s) "
+            "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
+            "RETURNING id, app, channel, priority, max_retries, timeout, created_at, payload) "
+            "INSERT INTO {jobs} (id, app, channel, priority, run_at, max_retries, timeout, "
+            "created_at, payload) "
+            "SELECT id, app, channel, priority, now(), max_retries, timeout, created_at, payload "
+            "FROM moved RETURNING id, channel"
+        ),
+        purge_failed=q(
+            "DELETE FROM {failed} WHERE app = %(app)s "
+            "AND (%(channel)s::text IS NULL OR channel = %(channel)s) "
+            "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
+            "AND (%(older)s::float8 IS NULL OR failed_at < now() - make_interval(secs => %(older)s)) "
+            "RETURNING id"
+        ),
+        counts=q(
+            "SELECT count(*) FILTER (WHERE run_at <= now()), "
+            "count(*) FILTER (WHERE worker IS NOT NULL AND run_at > now()), "
+            "count(*) FILTER (WHERE run_at > now() AND worker IS NULL) "
+            "FROM {jobs} WHERE app = %s AND channel = %s"
+        ),
+    )

@@ -1,0 +1,406 @@
+"""The EventQueue service: durable jobs in PostgreSQL, claimed with ``FOR UPDATE SKIP LOCKED``.
+
+See docs/queue.md for the design: one ``run_at`` column doubling as the lease, fenced
+outcomes written in batches, leases renewed in batches, and coalesced wake-up NOTIFYs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+from pgcoord import codec
+from pgcoord import transaction as txn
+from pgcoord._driver import translated
+from pgcoord.errors import InvalidInputError, InvalidTypeError, PgcoordError
+from pgcoord.queue import deadletters, queries
+from pgcoord.queue.deadletters import FailedJob
+from pgcoord.queue.options import PublishOptions, publish_options, subscribe_options
+from pgcoord.queue.outcomes import Outcomes
+from pgcoord.queue.throttle import NotifyState
+from pgcoord.queue.worker import Worker
+from pgcoord.runtime import Runtime, Service
+from pgcoord.validation import check_int, check_key, check_positive
+
+log = logging.getLogger("pgcoord.queue")
+
+
+class EventQueue(Service):
+    """Durable, at-least-once job queues shared by every instance of the app.
+
+    ``publish`` puts a job in a queue (no local subscriber needed); every instance that
+    ``subscribe``\\ s to the queue takes jobs from it, each job by one instance at a time.
+    A claimed job carries a lease the worker renews; if the worker dies or freezes, the job
+    returns to the queue when the lease runs out. Failed tries are retried with exponential
+    backoff (0.5 s x 2**retried, capped at 60 s, +-20% jitter) up to ``max_retries``; then the
+    job becomes a dead letter (``failed_jobs``/``retry_failed``/``purge_failed``).
+
+    Options (``Coordinator(**options)``): ``queue_lease`` (seconds a claim lasts without
+    renewal), ``queue_grace`` (seconds ``stop()`` lets running jobs finish before cancelling
+    and releasing them), ``queue_batch`` (most jobs claimed per round trip),
+    ``queue_notify_gap`` (least seconds between two wake-up NOTIFYs this process sends for one
+    queue), ``queue_txn_notify_window`` (see docs/queue.md).
+    """
+
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        "queue_lease": 30.0,
+        "queue_grace": 10.0,
+        "queue_batch": 200,
+        "queue_notify_gap": 0.002,
+        "queue_txn_notify_window": 0.01,
+    }
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        self._lease = check_positive(self.option("queue_lease"), "queue_lease")
+        self._grace = float(self.option("queue_grace"))
+        if self._grace < 0:
+            raise InvalidInputError("queue_grace must be >= 0 seconds")
+        self._batch = check_int(self.option("queue_batch"), "queue_batch", minimum=1)
+        self._gap = float(self.option("queue_notify_gap"))
+        self._txn_window = float(self.option("queue_txn_notify_window"))
+        self._q = queries.build(runtime.schema)
+        self._workers: dict[str, Worker] = {}
+        self._notify: dict[str, NotifyState] = {}
+        self._senders: set[asyncio.Task[None]] = set()
+        self._outcomes = Outcomes(self._write, self._q)
+        # Outcome flushes and lease renewals both lock job rows; one at a time per process
+        # keeps them from deadlocking each other.
+        self._write_lock = asyncio.Lock()
+        self._renewer: asyncio.Task[None] | None = None
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self._outcomes = Outcomes(self._write, self._q)
+        self._outcomes.start()
+        self._write_lock = asyncio.Lock()
+        self._renewer = asyncio.create_task(self._renew_loop(), name="pgcoord-queue-leases")
+        self._started = True
+        for worker in self._workers.values():
+            await self._activate(worker)
+
+    async def _stop(self) -> None:
+        self._started = False
+        workers = list(self._workers.values())
+        released = await asyncio.gather(*(self._deactivate(w) for w in workers))
+        for jobs in released:
+            if jobs:
+                self._outcomes.release(jobs)
+        await self._outcomes.stop(timeout=max(self._rt.connect_timeout, 1.0))
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        for task in list(self._senders):
+            task.cancel()
+        if self._senders:
+            await asyncio.gather(*self._senders, return_exceptions=True)
+        if any(released):
+            # Released jobs should not wait for a poll on the other instances.
+            with contextlib.suppress(PgcoordError):
+                async with self._rt.connection() as conn:
+                    for worker in workers:
+                        await conn.execute(self._q.notify, (worker.pg_channel,))
+
+    async def _on_reconnect(self) -> None:
+        # NOTIFYs sent while the listener was down are gone: look for work now.
+        for worker in self._workers.values():
+            worker.wake.set()
+
+    async def _activate(self, worker: Worker) -> None:
+        await self._rt.listener.listen(worker.pg_channel, worker.on_notify)
+        worker.start()
+
+    async def _deactivate(self, worker: Worker) -> list[tuple[int, int]]:
+        jobs = await worker.stop(self._grace)
+        with contextlib.suppress(PgcoordError):
+            await self._rt.listener.unlisten(worker.pg_channel, worker.on_notify)
+        return jobs
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        channel: str,
+        *,
+        process: Callable[..., Any],
+        idle: Callable[[], bool] | None = None,
+        concurrency: int = 1,
+        interval: float = 0.25,
+    ) -> None:
+        """Consume jobs of ``channel`` on this instance with ``process(message, ctx)``.
+
+        ``process`` may be async (run as a task) or sync (run in a thread). ``idle()``, when
+        given, is asked before every claim; False pauses claiming. At most ``concurrency``
+        jobs run at once (``<= 0``: no limit). An idle worker wakes on a NOTIFY within
+        milliseconds and polls every ``interval`` seconds besides. Subscribing again to the
+        same channel replaces the earlier subscription. May be called before ``start()``.
+        """
+        check_key(channel, "channel")
+        opts = subscribe_options(
+            process=process, idle=idle, concurrency=concurrency, interval=interval
+        )
+        if channel in self._workers:
+            await self.unsubscribe(channel)
+        worker = Worker(self, channel, opts)
+        self._workers[channel] = worker
+        if self._started:
+            await self._activate(worker)
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop consuming ``channel`` here, as ``stop()`` does (grace period, then release)."""
+        check_key(channel, "channel")
+        worker = self._workers.pop(channel, None)
+        if worker is None or not self._started:
+            return
+        jobs = await self._deactivate(worker)
+        if jobs:
+            self._outcomes.release(jobs)
+        await self._outcomes.drain()
+        if jobs:
+            async with self._rt.connection() as conn:
+                await conn.execute(self._q.notify, (worker.pg_channel,))
+
+    def subscribed(self) -> list[str]:
+        """The channels this instance consumes."""
+        return list(self._workers)
+
+    # -- producing -------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        message: Any,
+        *,
+        timeout: float = 15.0,
+        max_retries: int = 0,
+        delay: float = 0.0,
+        priority: int = 0,
+        transaction: object = None,
+    ) -> int:
+        """Enqueue one job; returns its id.
+
+        ``timeout``: seconds a try may run; ``max_retries``: tries after the first failure;
+        ``delay``: seconds before the job may first run; larger ``priority`` runs first.
+        With ``transaction=`` the job exists only if that transaction commits.
+        """
+        check_key(channel, "channel")
+        opts = publish_options(
+            timeout=timeout, max_retries=max_retries, delay=delay, priority=priority
+        )
+        payload = codec.encode(message, "message")
+        if transaction is not None:
+            txn.check_transaction(transaction)
+        params = self._params(channel, opts)
+        params["payload"] = payload
+        ids = await self._insert(
+            channel, params, self._q.publish, self._q.publish_notify, transaction
+        )
+        return ids[0]
+
+    async def publish_many(
+        self,
+        channel: str,
+        messages: Iterable[Any],
+        *,
+        timeout: float = 15.0,
+        max_retries: int = 0,
+        delay: float = 0.0,
+        priority: int = 0,
+        transaction: object = None,
+    ) -> list[int]:
+        """Enqueue many jobs in one round trip; returns their ids in the order given."""
+        check_key(channel, "channel")
+        opts = publish_options(
+            timeout=timeout, max_retries=max_retries, delay=delay, priority=priority
+        )
+        if isinstance(messages, str | bytes | dict) or not isinstance(messages, Iterable):
+            raise InvalidTypeError("messages must be an iterable (list) of JSON messages")
+        payloads = [codec.encode(m, f"messages[{i}]") for i, m in enumerate(messages)]
+        if transaction is not None:
+            txn.check_transaction(transaction)
+        if not payloads:
+            return []
+        params = self._params(channel, opts)
+        params["payloads"] = payloads
+        ids = await self._insert(
+            channel, params, self._q.publish_many, self._q.publish_many_notify, transaction
+        )
+        # Ids come from one sequence in row order, so sorting restores the messages' order.
+        return sorted(ids)
+
+    def _params(self, channel: str, opts: PublishOptions) -> dict[str, Any]:
+        return {
+            "app": self._rt.app,
+            "channel": channel,
+            "priority": opts.priority,
+            "delay": opts.delay,
+            "max_retries": opts.max_retries,
+            "timeout": opts.timeout,
+        }
+
+    async def _insert(
+        self,
+        channel: str,
+        params: dict[str, Any],
+        plain: Any,
+        with_notify: Any,
+        transaction: object,
+    ) -> list[int]:
+        pg_channel = self._rt.channel("queue", channel)
+        state = self._notify_state(pg_channel)
+        if transaction is None:
+            async with self._rt.connection() as conn:
+                cur = await conn.execute(plain, params)
+                rows = await cur.fetchall()
+            # Committed: a NOTIFY sent from now on reveals these jobs to whoever it wakes.
+            self._request_notify(pg_channel, state, 0.0)
+            return [r[0] for r in rows]
+        now = time.monotonic()
+        if state.inside_transaction(now):
+            params["pg_channel"] = pg_channel
+            rows = await txn.execute(transaction, with_notify, params)
+        else:
+            rows = await txn.execute(transaction, plain, params)
+            self._request_notify(pg_channel, state, self._txn_window)
+        return [r[0] for r in rows]
+
+    # -- wake-ups --------------------------------------------------------------------------
+
+    def _notify_state(self, pg_channel: str) -> NotifyState:
+        state = self._notify.get(pg_channel)
+        if state is None:
+            state = self._notify[pg_channel] = NotifyState(
+                gap=self._gap, txn_window=self._txn_window
+            )
+        return state
+
+    def _request_notify(self, pg_channel: str, state: NotifyState, delay: float) -> None:
+        if state.request(time.monotonic(), delay):
+            task = asyncio.create_task(self._send_notifies(pg_channel, state))
+            self._senders.add(task)
+            task.add_done_callback(self._senders.discard)
+
+    async def _send_notifies(self, pg_channel: str, state: NotifyState) -> None:
+        try:
+            while True:
+                wait = state.next_send(time.monotonic())
+                if wait is None:
+                    return
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                state.take()
+                started = time.monotonic()
+                try:
+                    async with self._rt.connection() as conn:
+                        await conn.execute(self._q.notify, (pg_channel,))
+                except PgcoordError as exc:
+                    # Workers poll every `interval`: a lost wake-up costs latency, not jobs.
+                    log.debug("pgcoord queue: wake-up NOTIFY failed: %s", exc)
+                state.sent(started)
+        finally:
+            state.sending = False
+
+    # -- internals used by workers ---------------------------------------------------------
+
+    async def _claim(self, channel: str, n: int) -> list[tuple[Any, ...]]:
+        async with self._rt.connection() as conn:
+            cur = await conn.execute(
+                self._q.claim,
+                (self._rt.app, channel, n, self._lease, self._rt.instance_id),
+            )
+            return await cur.fetchall()
+
+    async def _write(self, query: Any, params: Any) -> None:
+        async with self._write_lock, self._rt.connection() as conn:
+            await conn.execute(query, params)
+
+    async def _renew_loop(self) -> None:
+        every = self._lease / 3
+        while True:
+            await asyncio.sleep(every)
+            held = [
+                (job.id, job.attempt, worker)
+                for worker in self._workers.values()
+                for job in list(worker.running.values())
+            ]
+            if not held:
+                continue
+            ids = [h[0] for h in held]
+            attempts = [h[1] for h in held]
+            try:
+                async with self._write_lock, self._rt.connection() as conn:
+                    cur = await conn.execute(self._q.renew, (self._lease, ids, attempts))
+                    kept = {r[0] for r in await cur.fetchall()}
+            except PgcoordError as exc:
+                log.warning("pgcoord queue: renewing leases failed (%s); retrying", exc)
+                continue
+            for job_id, attempt, worker in held:
+                if job_id in kept:
+                    continue
+                job = worker.running.get(job_id)
+                if job is not None and job.attempt == attempt:
+                    # Another worker claimed it after our lease ran out: stop working on it.
+                    log.warning("pgcoord job %s: lease lost to another worker; cancelling", job_id)
+                    job.lost = True
+                    job.signal.set("lost")
+                    if job.task is not None:
+                        job.task.cancel()
+
+    # -- dead letters and introspection ----------------------------------------------------
+
+    async def failed_jobs(
+        self, channel: str | None = None, *, ids: Iterable[int] | None = None, limit: int = 100
+    ) -> list[FailedJob]:
+        """Dead letters of this app (optionally one channel / some ids), oldest first."""
+        async with self._rt.connection() as conn:
+            return await deadletters.list_failed(
+                conn, self._q, self._rt.app, channel=channel, ids=ids, limit=limit
+            )
+
+    async def retry_failed(
+        self, channel: str | None = None, *, ids: Iterable[int] | None = None
+    ) -> list[int]:
+        """Put dead letters back in their queues (same id, retry budget reset); their ids."""
+        async with self._rt.connection() as conn:
+            moved = await deadletters.retry_failed(
+                conn, self._q, self._rt.app, channel=channel, ids=ids
+            )
+            for ch in sorted({c for _, c in moved}):
+                await conn.execute(self._q.notify, (self._rt.channel("queue", ch),))
+        return sorted(i for i, _ in moved)
+
+    async def purge_failed(
+        self,
+        channel: str | None = None,
+        *,
+        ids: Iterable[int] | None = None,
+        older_than: float | None = None,
+    ) -> int:
+        """Delete dead letters for good (optionally only those failed > ``older_than`` s ago)."""
+        async with self._rt.connection() as conn:
+            return await deadletters.purge_failed(
+                conn, self._q, self._rt.app, channel=channel, ids=ids, older_than=older_than
+            )
+
+    async def stats(self, channel: str) -> dict[str, int]:
+        """Jobs of ``channel`` now: ``ready`` (claimable), ``running`` (leased), ``scheduled``."""
+        check_key(channel, "channel")
+        async with self._rt.connection() as conn:
+            cur = await conn.execute(self._q.counts, (self._rt.app, channel))
+            row = await cur.fetchone()
+        assert row is not None
+        return {"ready": row[0], "running": row[1], "scheduled": row[2]}
+
+    async def flush(self) -> None:
+        """Wait until every finished try of this instance is written to the database."""
+        with translated():
+            await self._outcomes.drain()

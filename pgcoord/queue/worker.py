@@ -1,0 +1,215 @@
+"""One subscription's worker: claims jobs in batches, runs them, reports how each try ended.
+
+The claim loop asks for as many jobs as there are free slots (capped at the batch size), so a
+busy worker claims many jobs per round trip. It sleeps when the queue is empty until a
+NOTIFY for its queue arrives or ``interval`` passes (polling also finds delayed jobs coming
+due, retries, and jobs whose worker died). Outcomes are not written one by one: the owning
+:class:`~pgcoord.queue.service.EventQueue` batches them (see ``Outcomes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from pgcoord import codec
+from pgcoord.errors import PgcoordError
+from pgcoord.queue.backoff import retry_delay
+from pgcoord.queue.context import JobContext, Signal
+from pgcoord.queue.options import SubscribeOptions
+
+if TYPE_CHECKING:
+    from pgcoord.queue.service import EventQueue
+
+log = logging.getLogger("pgcoord.queue")
+
+_ERROR_BACKOFF_FIRST = 0.05
+_ERROR_BACKOFF_MAX = 2.0
+
+
+class RunningJob:
+    """A claimed job while its handler runs."""
+
+    __slots__ = ("attempt", "id", "lost", "signal", "stopping", "task", "timed_out")
+
+    def __init__(self, job_id: int, attempt: int) -> None:
+        self.id = job_id
+        self.attempt = attempt
+        self.signal = Signal()
+        self.task: asyncio.Task[None] | None = None
+        self.timed_out = False
+        self.stopping = False
+        self.lost = False
+
+
+class Worker:
+    """Claims and runs the jobs of one channel on this instance."""
+
+    def __init__(self, queue: EventQueue, channel: str, opts: SubscribeOptions) -> None:
+        self.queue = queue
+        self.channel = channel
+        self.opts = opts
+        self.pg_channel = queue._rt.channel("queue", channel)
+        self.running: dict[int, RunningJob] = {}
+        self.wake = asyncio.Event()
+        self.slot = asyncio.Event()
+        self.closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def on_notify(self, _channel: str, _payload: str) -> None:
+        """Listener callback: a job was published to this queue."""
+        self.wake.set()
+
+    def start(self) -> None:
+        """Start the claim loop."""
+        self.closing = False
+        self._task = asyncio.create_task(self._loop(), name=f"pgcoord-queue-{self.channel}")
+
+    async def stop(self, grace: float) -> list[tuple[int, int]]:
+        """Stop claiming, let running jobs finish for ``grace`` s, then cancel the rest.
+
+        Returns (id, attempt) of the cancelled jobs, for the caller to put back at once.
+        """
+        self.closing = True
+        self.wake.set()
+        self.slot.set()
+        if self._task is not None:
+            # Not cancelled: a claim in flight must come back, so its jobs are run or released.
+            with contextlib.suppress(Exception):
+                await self._task
+            self._task = None
+        tasks = [job.task for job in self.running.values() if job.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        leftover = list(self.running.values())
+        for job in leftover:
+            job.stopping = True
+            job.signal.set("stopping")
+            if job.task is not None:
+                job.task.cancel()
+        pending = [job.task for job in leftover if job.task is not None]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        return [(job.id, job.attempt) for job in leftover]
+
+    # -- claiming --------------------------------------------------------------------------
+
+    def _free(self) -> int:
+        batch: int = self.queue._batch
+        limit = self.opts.concurrency
+        if limit is None:
+            return batch
+        return min(limit - len(self.running), batch)
+
+    async def _loop(self) -> None:
+        backoff = _ERROR_BACKOFF_FIRST
+        interval = self.opts.interval
+        idle = self.opts.idle
+        while not self.closing:
+            if idle is not None:
+                try:
+                    may_claim = bool(idle())
+                except Exception:
+                    log.exception("pgcoord queue %r: idle() raised; not claiming", self.channel)
+                    may_claim = False
+                if not may_claim:
+                    await self._sleep(self.slot, interval)
+                    continue
+            free = self._free()
+            if free <= 0:
+                self.slot.clear()
+                await self.slot.wait()
+                continue
+            # Cleared before the claim: a NOTIFY arriving while it runs is not lost.
+            self.wake.clear()
+            try:
+                rows = await self.queue._claim(self.channel, free)
+            except (PgcoordError, OSError) as exc:
+                log.warning(
+                    "pgcoord queue %r: claim failed (%s); retrying in %.2f s",
+                    self.channel,
+                    exc,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _ERROR_BACKOFF_MAX)
+                continue
+            backoff = _ERROR_BACKOFF_FIRST
+            for row in rows:
+                self._launch(row)
+            if len(rows) >= free:
+                # Probably more waiting: let the new jobs start, then claim again.
+                await asyncio.sleep(0)
+                continue
+            await self._sleep(self.wake, interval)
+
+    async def _sleep(self, event: asyncio.Event, timeout: float) -> None:
+        if not event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _launch(self, row: tuple[Any, ...]) -> None:
+        job = RunningJob(row[0], row[1])
+        self.running[job.id] = job
+        job.task = asyncio.create_task(self._run(job, row))
+
+    def _on_timeout(self, job: RunningJob) -> None:
+        job.timed_out = True
+        job.signal.set("timeout")
+        if job.task is not None:
+            job.task.cancel()
+
+    async def _run(self, job: RunningJob, row: tuple[Any, ...]) -> None:
+        _id, attempt, retried, max_retries, timeout, priority, payload = row
+        queue = self.queue
+        ctx = JobContext(
+            job_id=job.id,
+            channel=self.channel,
+            retried=retried,
+            attempt=attempt,
+            signal=job.signal,
+            options=(timeout, max_retries, priority),
+        )
+        timer = asyncio.get_running_loop().call_later(timeout, self._on_timeout, job)
+        error: BaseException | None = None
+        try:
+            message = codec.decode(payload)
+            if self.opts.is_async:
+                await self.opts.process(message, ctx)
+            else:
+                result = await asyncio.to_thread(self.opts.process, message, ctx)
+                if asyncio.iscoroutine(result):
+                    await result
+        except asyncio.CancelledError as exc:
+            if not (job.timed_out or job.stopping or job.lost):
+                error = exc  # cancelled by the handler itself, or from outside: a failed try
+        except Exception as exc:
+            error = exc
+        finally:
+            timer.cancel()
+            del self.running[job.id]
+            self.slot.set()
+        if job.stopping or job.lost:
+            return  # released by stop(), or owned by another worker now
+        if job.timed_out:
+            error = TimeoutError(f"job {job.id} exceeded its timeout of {timeout:g} s")
+        if error is None:
+            queue._outcomes.complete(job.id, attempt)
+            return
+        text = "".join(traceback.format_exception(error))
+        summary = f"{type(error).__name__}: {error}"
+        if retried < max_retries:
+            log.info("pgcoord job %s failed (%s); retry %s", job.id, summary, retried + 1)
+            queue._outcomes.retry(job.id, attempt, retry_delay(retried))
+        else:
+            log.warning(
+                "pgcoord job %s failed for good after %s tries: %s", job.id, retried + 1, summary
+            )
+            queue._outcomes.fail(job.id, attempt, summary, text)
