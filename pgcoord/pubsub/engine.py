@@ -1,0 +1,411 @@
+"""The machinery shared by pub/sub, sync messages and plugins: publish, receive, catch up.
+
+Receiving. The listener calls :meth:`Engine.on_notify` for every notification, in the order
+Postgres delivers them, which is commit order. Some notifications carry the envelope itself and
+are ready at once; others (a spilled payload, a transaction's wake-up, the catch-up after a
+reconnect) need a read from ``message_log``. Each becomes an item of one FIFO *pipeline*: reads
+start at once and run concurrently, but items are handed to the subscriptions strictly in
+arrival order, so a handler sees the messages of a channel in commit order whatever path they
+took. When the pipeline is empty, a ready message is handed over immediately (the fast path).
+
+Catch-up. Every sync message is also written to ``message_log``. When the listener reconnects,
+a catch-up item enters the pipeline *before* anything received on the new connection: it reads
+back the log of this instance's sync channels over the retention window, keeping only rows not
+visible in the snapshot taken when the channel's LISTEN became active (those committed before
+this instance listened). Every sync message id delivered is remembered (:class:`SeenIds`) for
+longer than the log keeps rows, so a message that arrives both live and from the log is delivered
+once. Reading the log by "id greater than the last one seen" would be wrong: ids are taken when a
+transaction inserts, not when it commits, so a row committed late behind a higher id would be
+skipped forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from functools import lru_cache
+from typing import Any, TypeAlias
+
+from psycopg import sql
+
+from pgcoord import codec
+from pgcoord import transaction as txn
+from pgcoord.errors import ConnectionFailedError, PgcoordError
+from pgcoord.pubsub import envelope as wire
+from pgcoord.pubsub.queries import NOTIFY, SNAPSHOT, Queries
+from pgcoord.pubsub.seen import SeenIds
+from pgcoord.pubsub.subscription import Handler, Subscription
+from pgcoord.runtime import Runtime
+from pgcoord.validation import check_callable, check_key, check_non_negative
+
+log = logging.getLogger("pgcoord.pubsub")
+
+#: A batch of messages ready for the subscriptions: (Postgres channel, envelope) pairs.
+Ready: TypeAlias = list[tuple[str, wire.Envelope]]
+Item: TypeAlias = Ready | asyncio.Task[Ready]
+
+# A publish that meets a pooled connection killed by a server restart gets a fresh one; more
+# than this many dead connections in a row means the server really is unreachable.
+_PUBLISH_ATTEMPTS = 3
+# Reads for the pipeline retry for about this long (a restarting server) before giving up.
+_READ_RETRY_SECONDS = 30.0
+_SWEEP_BATCH = 1000
+# Seen ids are kept this much longer than the log keeps rows (clock skew, slow deliveries).
+_SEEN_MARGIN = 60.0
+
+
+@lru_cache(maxsize=4096)
+def _channel_json(channel: str) -> str:
+    return codec.encode(channel, "channel")
+
+
+class _Channel:
+    """One Postgres channel: the subscriptions of each user channel mapped to it."""
+
+    __slots__ = ("durable", "pg", "subs")
+
+    def __init__(self, pg: str, durable: bool) -> None:
+        self.pg = pg
+        self.durable = durable
+        # Keyed by the user's channel: two names hashed to one Postgres channel stay apart.
+        self.subs: dict[str, list[Subscription]] = {}
+
+
+class Engine:
+    """Publishing and delivery for one Coordinator; see the module docstring."""
+
+    def __init__(self, rt: Runtime, *, max_payload: int, spill_retention: float) -> None:
+        self._rt = rt
+        self.max_payload = max_payload
+        self.spill_retention = spill_retention
+        self.sync_retention = 120.0
+        self._q = Queries(rt.table("message_log"))
+        self._wake = rt.channel("wake", "transactions")
+        self._sweep_key = rt.advisory_key("pubsub", "sweep")
+        self._sender_json = codec.encode(rt.instance_id)
+        self._seq = itertools.count(1)
+        self._pg_names: dict[tuple[str, str], str] = {}
+        self._channels: dict[str, _Channel] = {}
+        self._snapshots: dict[str, str] = {}
+        self._seen = SeenIds(self.sync_retention + _SEEN_MARGIN)
+        self._pipeline: deque[Item] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._running = False
+        self._reconnects = 0
+
+    # -- names -----------------------------------------------------------------------------
+
+    def _pg(self, tag: str, channel: str) -> str:
+        key = (tag, channel)
+        name = self._pg_names.get(key)
+        if name is None:
+            if len(self._pg_names) >= 4096:
+                self._pg_names.clear()
+            name = self._pg_names[key] = self._rt.channel(tag, channel)
+        return name
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the subscriptions made so far, LISTEN, and start the sweeper."""
+        if self._running:
+            return
+        self._running = True
+        self._seen.horizon = self.sync_retention + _SEEN_MARGIN
+        listener = self._rt.listener
+        self._reconnects = listener.reconnects
+        await listener.listen(self._wake, self.on_notify)
+        for ch in list(self._channels.values()):
+            for subs in ch.subs.values():
+                for sub in subs:
+                    sub.open()
+            await listener.listen(ch.pg, self.on_notify)
+        durable = [ch.pg for ch in self._channels.values() if ch.durable]
+        if durable:
+            snapshot = await self._snapshot()
+            for pg in durable:
+                self._snapshots[pg] = snapshot
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="pgcoord-message-sweeper")
+
+    async def stop(self) -> None:
+        """Stop delivering: no handler is called after this returns (idempotent)."""
+        if not self._running:
+            return
+        self._running = False
+        tasks = [t for t in (self._drainer, self._sweeper, *self._tasks) if t is not None]
+        self._drainer = self._sweeper = None
+        self._pipeline.clear()
+        current = asyncio.current_task()
+        for task in tasks:
+            if task is not current:
+                task.cancel()
+        for ch in self._channels.values():
+            for subs in ch.subs.values():
+                for sub in subs:
+                    await sub.close()
+        await asyncio.gather(*(t for t in tasks if t is not current), return_exceptions=True)
+        self._tasks.clear()
+        self._snapshots.clear()
+        with contextlib.suppress(PgcoordError):
+            listener = self._rt.listener
+            for pg in [self._wake, *self._channels]:
+                await listener.unlisten(pg, self.on_notify)
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    async def subscribe(
+        self, tag: str, channel: str, handler: Handler, debounce: float, *, durable: bool
+    ) -> None:
+        """Call ``handler`` for every message on ``channel`` of service ``tag``."""
+        check_key(channel, "channel")
+        check_callable(handler, "handler")
+        debounce = check_non_negative(debounce, "debounce")
+        pg = self._pg(tag, channel)
+        ch = self._channels.get(pg)
+        new_channel = ch is None
+        if ch is None:
+            ch = self._channels[pg] = _Channel(pg, durable)
+        subs = ch.subs.setdefault(channel, [])
+        for sub in subs:
+            if sub.handler == handler:
+                # Subscribing the same handler again delivers once; the newer debounce wins.
+                sub.debounce = debounce
+                return
+        sub = Subscription(channel, handler, debounce)
+        subs.append(sub)
+        if self._running:
+            sub.open()
+            if new_channel:
+                await self._rt.listener.listen(pg, self.on_notify)
+                if durable:
+                    self._snapshots[pg] = await self._snapshot()
+
+    async def unsubscribe(self, tag: str, channel: str, handler: Handler) -> None:
+        """Stop calling ``handler`` for ``channel`` (no error if it was not subscribed)."""
+        check_key(channel, "channel")
+        check_callable(handler, "handler")
+        pg = self._pg(tag, channel)
+        ch = self._channels.get(pg)
+        if ch is None:
+            return
+        subs = ch.subs.get(channel, [])
+        for sub in subs:
+            if sub.handler == handler:
+                subs.remove(sub)
+                await sub.close()
+                break
+        if not subs:
+            ch.subs.pop(channel, None)
+        if not ch.subs:
+            del self._channels[pg]
+            self._snapshots.pop(pg, None)
+            if self._running:
+                await self._rt.listener.unlisten(pg, self.on_notify)
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        tag: str,
+        channel: str,
+        message: object,
+        *,
+        skip_self: bool,
+        only_self: bool,
+        transaction: object,
+        durable: bool,
+    ) -> None:
+        """Send ``message``; see PubSubManager.publish and SyncMessageManager.publish."""
+        check_key(channel, "channel")
+        flags = wire.flags_for(skip_self, only_self)
+        if transaction is not None:
+            txn.check_transaction(transaction)
+        text = wire.encode_message(message, self.max_payload)
+        self._rt.check_running()
+        envelope = wire.build(
+            _channel_json(channel), self._sender_json, next(self._seq), flags, text
+        )
+        pg = self._pg(tag, channel)
+        if transaction is not None:
+            await txn.execute(
+                transaction, self._q.insert_in_transaction, (pg, durable, envelope, self._wake)
+            )
+            return
+        inline = wire.fits_notify(envelope)
+        if inline and not durable:
+            await self._send(NOTIFY, (pg, envelope))
+        else:
+            await self._send(self._q.insert_and_notify, (pg, durable, envelope, inline))
+
+    async def _send(self, query: sql.SQL | sql.Composed, params: Sequence[Any]) -> None:
+        for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
+            try:
+                async with self._rt.connection() as conn:
+                    await conn.execute(query, params)
+                return
+            except ConnectionFailedError:
+                # Most likely a pooled connection that a server restart killed before we used
+                # it (the pool drops it now). A sync message sent twice is delivered once.
+                if attempt == _PUBLISH_ATTEMPTS:
+                    raise
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def on_notify(self, pg: str, payload: str) -> None:
+        """Listener callback: turn one notification into a pipeline item (never blocks)."""
+        if not self._running:
+            return
+        if self._rt.listener.reconnects != self._reconnects:
+            self.on_reconnect()
+        item: Item
+        if pg == self._wake:
+            if not self._channels:
+                return
+            item = self._spawn(self._read_transaction(int(payload)))
+        else:
+            if pg not in self._channels:
+                return
+            row_id = wire.pointer_id(payload)
+            if row_id is not None:
+                item = self._spawn(self._read_spilled(row_id))
+            else:
+                try:
+                    item = [(pg, wire.parse(payload))]
+                except ValueError as exc:
+                    log.warning("pgcoord: dropped a malformed message on %s: %s", pg, exc)
+                    return
+                if not self._pipeline:
+                    self._deliver(item)
+                    return
+        self._pipeline.append(item)
+        if self._drainer is None:
+            self._drainer = asyncio.create_task(self._drain(), name="pgcoord-message-pipeline")
+
+    def on_reconnect(self) -> None:
+        """The listener reconnected: queue a catch-up ahead of what the new connection brings."""
+        listener = self._rt.listener
+        if not self._running or listener.reconnects == self._reconnects:
+            return
+        self._reconnects = listener.reconnects
+        if any(ch.durable for ch in self._channels.values()):
+            self._pipeline.append(self._spawn(self._catch_up()))
+            if self._drainer is None:
+                self._drainer = asyncio.create_task(self._drain(), name="pgcoord-message-pipeline")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Ready]) -> asyncio.Task[Ready]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _drain(self) -> None:
+        try:
+            while self._pipeline:
+                head = self._pipeline[0]
+                ready = head if isinstance(head, list) else await head
+                self._pipeline.popleft()
+                if self._running:
+                    self._deliver(ready)
+        finally:
+            if self._drainer is asyncio.current_task():
+                self._drainer = None
+
+    def _deliver(self, ready: Ready) -> None:
+        now = asyncio.get_running_loop().time()
+        me = self._rt.instance_id
+        for pg, env in ready:
+            ch = self._channels.get(pg)
+            if ch is None:
+                continue
+            subs = ch.subs.get(env.channel)
+            if not subs or not env.wanted_by(me):
+                continue
+            if ch.durable and not self._seen.add(env.key, now):
+                continue
+            for sub in tuple(subs):
+                sub.offer(env.message)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def _read(self, what: str, query: sql.SQL | sql.Composed, params: Sequence[Any]) -> Ready:
+        delay = 0.05
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _READ_RETRY_SECONDS
+        while True:
+            try:
+                async with self._rt.connection() as conn:
+                    cur = await conn.execute(query, params)
+                    rows = await cur.fetchall()
+                break
+            except PgcoordError as exc:
+                if not self._running or loop.time() > deadline:
+                    log.error("pgcoord: giving up reading %s: %s", what, exc)
+                    return []
+                log.warning("pgcoord: reading %s failed (%s); retrying", what, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        ready: Ready = []
+        for pg, text in rows:
+            try:
+                ready.append((pg, wire.parse(text)))
+            except ValueError as exc:
+                log.warning("pgcoord: dropped a malformed logged message on %s: %s", pg, exc)
+        return ready
+
+    async def _read_transaction(self, xid: int) -> Ready:
+        return await self._read(
+            "a transaction's messages", self._q.by_xid, (xid, list(self._channels))
+        )
+
+    async def _read_spilled(self, row_id: int) -> Ready:
+        ready = await self._read("a large message", self._q.by_id, (row_id,))
+        if not ready:
+            log.warning("pgcoord: large message %s was gone before it could be read", row_id)
+        return ready
+
+    async def _catch_up(self) -> Ready:
+        pgs = [pg for pg, ch in self._channels.items() if ch.durable and pg in self._snapshots]
+        if not pgs:
+            return []
+        snaps = [self._snapshots[pg] for pg in pgs]
+        ready = await self._read(
+            "missed sync messages", self._q.catch_up, (pgs, snaps, self.sync_retention)
+        )
+        log.info("pgcoord: caught up on the sync-message log (%d rows read)", len(ready))
+        return ready
+
+    async def _snapshot(self) -> str:
+        async with self._rt.connection() as conn:
+            cur = await conn.execute(SNAPSHOT)
+            row = await cur.fetchone()
+        assert row is not None
+        return str(row[0])
+
+    # -- retention -------------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        interval = min(30.0, max(0.2, min(self.sync_retention, self.spill_retention) / 4))
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+            try:
+                await self.sweep()
+            except PgcoordError as exc:
+                log.warning("pgcoord: sweeping the message log failed: %s", exc)
+
+    async def sweep(self) -> int:
+        """Delete expired log rows (skipped if another instance is sweeping); returns the count."""
+        total = 0
+        params = (self._sweep_key, self.sync_retention, self.spill_retention, _SWEEP_BATCH)
+        while True:
+            async with self._rt.connection() as conn:
+                cur = await conn.execute(self._q.sweep, params)
+            total += max(cur.rowcount, 0)
+            if cur.rowcount < _SWEEP_BATCH:
+                return total
