@@ -12,6 +12,7 @@ from pgcoord import errors as _errors
 from pgcoord import locks as _locks
 from pgcoord import pubsub as _pubsub
 from pgcoord import queue as _queue
+from pgcoord.blocking import BlockingCoordinator
 from pgcoord.cache import *  # noqa: F403
 from pgcoord.coordinator import DSN_ENV, Coordinator
 from pgcoord.errors import *  # noqa: F403
@@ -21,7 +22,7 @@ from pgcoord.queue import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = ["DSN_ENV", "Coordinator", "__version__"]
+__all__ = ["DSN_ENV", "BlockingCoordinator", "Coordinator", "__version__"]
 __all__ += _errors.__all__
 __all__ += _locks.__all__
 __all__ += _pubsub.__all__

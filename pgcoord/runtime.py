@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from pgcoord import _driver, names
@@ -71,7 +72,18 @@ class Runtime:
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """Borrow an autocommit pool connection; psycopg errors come out as pgcoord errors."""
         async with _driver.pooled(self.pool, self.dsn) as conn:
-            yield conn
+            if conn.autocommit:
+                yield conn
+                return
+            # A caller's shared pool may hand out non-autocommit connections; pgcoord's statements
+            # must commit on their own (else the pool would roll them back on return), so switch
+            # for the borrow and give the connection back as it came.
+            await conn.set_autocommit(True)
+            try:
+                yield conn
+            finally:
+                if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+                    await conn.set_autocommit(False)
 
     def table(self, name: str) -> sql.Identifier:
         """A schema-qualified table identifier for SQL composed with ``psycopg.sql``."""

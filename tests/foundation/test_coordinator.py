@@ -179,3 +179,21 @@ async def test_a_shared_pool_is_used_and_left_open(dsn: str) -> None:
             assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
     finally:
         await pool.close()
+
+
+async def test_a_shared_non_autocommit_pool_still_commits_pgcoords_writes(dsn: str) -> None:
+    from psycopg_pool import AsyncConnectionPool
+
+    pool = AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False)  # autocommit off
+    await pool.open()
+    try:
+        coord = pgcoord.Coordinator(dsn, pool=pool)
+        async with coord, coord._rt.connection() as conn:
+            await conn.execute("CREATE TABLE shared_pool_probe (x int)")
+            await conn.execute("INSERT INTO shared_pool_probe VALUES (1)")
+        async with pool.connection() as conn:
+            assert not conn.autocommit  # handed back as it came
+        with psycopg.connect(dsn) as check:
+            assert check.execute("SELECT x FROM shared_pool_probe").fetchall() == [(1,)]
+    finally:
+        await pool.close()
