@@ -1,0 +1,359 @@
+"""The queue's platform behaviours in one process against a real server.
+
+Timing is only ever waited for (generously), never asserted as a speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import pgcoord
+from tests.conftest import CoordFactory
+
+
+def _rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+async def _until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_retries_then_dead_letter_with_error_and_traceback(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord()
+    tries: list[int] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        tries.append(ctx.retried)
+        raise RuntimeError(f"boom {message['n']}")
+
+    await coord.event_queue.subscribe("fail", process=process, interval=0.05)
+    job = await coord.event_queue.publish("fail", {"n": 7}, max_retries=2)
+    await _until(lambda: len(tries) == 3)
+    await asyncio.sleep(0.3)  # a 4th try would show up here (the next backoff is ~2 s anyway)
+    await coord.event_queue.flush()
+    assert tries == [0, 1, 2]
+    failed = await coord.event_queue.failed_jobs("fail")
+    assert [f.id for f in failed] == [job]
+    assert failed[0].message == {"n": 7}
+    assert failed[0].error == "RuntimeError: boom 7"
+    assert "Traceback" in failed[0].traceback and "process" in failed[0].traceback
+    assert failed[0].retried == 2
+    assert _rows(dsn, "SELECT count(*) FROM pgcoord.queue_jobs") == [(0,)]
+
+
+async def test_failed_jobs_retry_and_purge_through_the_api(make_coord: CoordFactory) -> None:
+    coord = await make_coord()
+    healthy = False
+    ran: list[int] = []
+
+    def process(message: Any, ctx: pgcoord.JobContext) -> None:  # sync: runs in a thread
+        if not healthy:
+            raise ValueError("downstream is down")
+        ran.append(ctx.id)
+
+    eq = coord.event_queue
+    await eq.subscribe("dl", process=process, concurrency=4, interval=0.05)
+    ids = await eq.publish_many("dl", [1, 2, 3])
+    deadline = time.monotonic() + 15
+    while len(await eq.failed_jobs("dl")) < 3:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert sorted(f.id for f in await eq.failed_jobs()) == ids
+    assert await eq.failed_jobs("other") == []
+    healthy = True
+    assert await eq.retry_failed("dl", ids=ids[:2]) == ids[:2]
+    await _until(lambda: sorted(ran) == ids[:2])
+    assert [f.id for f in await eq.failed_jobs("dl")] == [ids[2]]
+    assert await eq.purge_failed("dl", older_than=3600) == 0
+    assert await eq.purge_failed("dl") == 1
+    assert await eq.failed_jobs("dl") == []
+
+
+async def test_timeout_sets_the_signal_cancels_and_counts_as_failure(
+    make_coord: CoordFactory,
+) -> None:
+    coord = await make_coord()
+    seen: list[tuple[bool, str | None]] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append((ctx.signal.is_set(), ctx.signal.reason))
+            raise
+
+    await coord.event_queue.subscribe("slow", process=process, interval=0.05)
+    job = await coord.event_queue.publish("slow", None, timeout=0.2)
+    deadline = time.monotonic() + 15
+    while not await coord.event_queue.failed_jobs("slow"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    failed = await coord.event_queue.failed_jobs("slow")
+    assert failed[0].id == job and failed[0].error.startswith("TimeoutError")
+    assert seen == [(True, "timeout")]
+
+
+async def test_concurrency_runs_in_waves(make_coord: CoordFactory) -> None:
+    coord = await make_coord()
+    active = 0
+    peak = 0
+    finished = 0
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        nonlocal active, peak, finished
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.15)
+        active -= 1
+        finished += 1
+
+    await coord.event_queue.publish_many("waves", list(range(6)))
+    await coord.event_queue.subscribe("waves", process=process, concurrency=2, interval=0.05)
+    await _until(lambda: finished == 6)
+    assert peak == 2
+
+
+async def test_unlimited_concurrency_runs_everything_at_once(make_coord: CoordFactory) -> None:
+    coord = await make_coord()
+    started = 0
+    all_in = asyncio.Event()
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        nonlocal started
+        started += 1
+        if started == 30:
+            all_in.set()
+        # Only finishes once all 30 run together: impossible under any concurrency limit.
+        await asyncio.wait_for(all_in.wait(), 20)
+
+    await coord.event_queue.publish_many("wide", list(range(30)))
+    await coord.event_queue.subscribe("wide", process=process, concurrency=0, interval=0.05)
+    await asyncio.wait_for(all_in.wait(), 15)
+
+
+async def test_idle_false_pauses_claiming(make_coord: CoordFactory) -> None:
+    coord = await make_coord()
+    busy = True
+    ran: list[Any] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        ran.append(message)
+
+    await coord.event_queue.subscribe("idle", process=process, idle=lambda: not busy, interval=0.05)
+    await coord.event_queue.publish("idle", "x")
+    await asyncio.sleep(0.5)
+    assert ran == []
+    assert (await coord.event_queue.stats("idle"))["ready"] == 1
+    busy = False
+    await _until(lambda: ran == ["x"])
+
+
+async def test_priority_then_age_and_delay_order(make_coord: CoordFactory) -> None:
+    coord = await make_coord()
+    eq = coord.event_queue
+    order: list[str] = []
+    await eq.publish("ord", "low-1", priority=-1)
+    await eq.publish("ord", "mid-1")
+    await eq.publish("ord", "high", priority=10)
+    await eq.publish("ord", "mid-2")
+    await eq.publish("ord", "delayed-high", priority=100, delay=0.8)
+    published = time.monotonic()
+    delayed_at = 0.0
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        nonlocal delayed_at
+        order.append(message)
+        if message == "delayed-high":
+            delayed_at = time.monotonic()
+
+    await eq.subscribe("ord", process=process, interval=0.05)
+    await _until(lambda: len(order) == 5)
+    assert order == ["high", "mid-1", "mid-2", "low-1", "delayed-high"]
+    assert delayed_at - published >= 0.7
+
+
+async def test_publish_without_subscriber_waits_for_a_consumer(
+    make_coord: CoordFactory,
+) -> None:
+    producer = await make_coord()
+    job = await producer.event_queue.publish("later", {"k": "v"})
+    consumer = await make_coord()
+    got: list[tuple[int, Any]] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        got.append((ctx.id, message))
+
+    await consumer.event_queue.subscribe("later", process=process)
+    await _until(lambda: got == [(job, {"k": "v"})])
+
+
+async def test_rolled_back_enqueue_never_runs_psycopg(make_coord: CoordFactory, dsn: str) -> None:
+    coord = await make_coord()
+    got: list[Any] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        got.append(message)
+
+    await coord.event_queue.subscribe("tx", process=process, interval=0.05)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        with pytest.raises(ZeroDivisionError):
+            async with conn.transaction():
+                await coord.event_queue.publish("tx", "rolled back", transaction=conn)
+                raise ZeroDivisionError
+        async with conn.transaction():
+            await coord.event_queue.publish_many("tx", ["c1", "c2"], transaction=conn)
+    await _until(lambda: len(got) == 2)
+    await asyncio.sleep(0.3)
+    assert sorted(got) == ["c1", "c2"]
+
+
+async def test_rolled_back_enqueue_never_runs_sqlalchemy(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord()
+    got: list[Any] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        got.append(message)
+
+    await coord.event_queue.subscribe("satx", process=process, interval=0.05)
+    engine = sa.create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=sa.pool.NullPool
+    )
+    try:
+        with Session(engine) as session:
+            await coord.event_queue.publish("satx", "rolled back", transaction=session)
+            session.rollback()
+            await coord.event_queue.publish("satx", "committed", transaction=session)
+            session.commit()
+    finally:
+        engine.dispose()
+    await _until(lambda: got == ["committed"])
+    await asyncio.sleep(0.3)
+    assert got == ["committed"]
+
+
+async def test_bad_input_is_refused_before_anything_is_written(
+    coord: pgcoord.Coordinator, dsn: str
+) -> None:
+    eq = coord.event_queue
+    with pytest.raises(TypeError):
+        await eq.publish("bad", {"when": object()})
+    with pytest.raises(TypeError):
+        await eq.publish_many("bad", [1, (2, 3)])
+    with pytest.raises(ValueError):
+        await eq.publish("bad", 1, timeout=0)
+    with pytest.raises(ValueError):
+        await eq.publish("bad", 1, max_retries=-1)
+    with pytest.raises(ValueError):
+        await eq.publish("bad", 1, delay=-1)
+    with pytest.raises(ValueError):
+        await eq.publish("", 1)
+    with pytest.raises(TypeError):
+        await eq.publish("bad", 1, transaction="not a connection")
+    with pytest.raises(TypeError):
+        await eq.subscribe("bad", process=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await eq.subscribe("bad", process=42)  # type: ignore[arg-type]
+    assert _rows(dsn, "SELECT count(*) FROM pgcoord.queue_jobs") == [(0,)]
+    assert eq.subscribed() == []
+
+
+async def test_graceful_stop_returns_running_jobs_at_once(make_coord: CoordFactory) -> None:
+    # A 60 s lease: the job can only come back this fast if stop() released it.
+    first = await make_coord(queue_lease=60.0, queue_grace=0.2)
+    reasons: list[str | None] = []
+    started = asyncio.Event()
+
+    async def stuck(message: Any, ctx: pgcoord.JobContext) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            reasons.append(ctx.signal.reason)
+
+    await first.event_queue.subscribe("grace", process=stuck)
+    job = await first.event_queue.publish("grace", "work")
+    await asyncio.wait_for(started.wait(), 10)
+    await first.stop()
+    assert reasons == ["stopping"]
+
+    second = await make_coord()
+    got: list[tuple[int, int]] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        got.append((ctx.id, ctx.retried))
+
+    await second.event_queue.subscribe("grace", process=process)
+    await _until(lambda: got == [(job, 0)], timeout=10)
+
+
+async def test_graceful_stop_lets_short_jobs_finish(make_coord: CoordFactory, dsn: str) -> None:
+    coord = await make_coord(queue_grace=10.0)
+    finished: list[int] = []
+    started = asyncio.Event()
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+        finished.append(ctx.id)
+
+    await coord.event_queue.subscribe("short", process=process)
+    job = await coord.event_queue.publish("short", 1)
+    await asyncio.wait_for(started.wait(), 10)
+    await coord.stop()
+    assert finished == [job]
+    assert _rows(dsn, "SELECT count(*) FROM pgcoord.queue_jobs") == [(0,)]
+
+
+async def test_a_late_worker_cannot_complete_a_rescued_job(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord(queue_lease=30.0)
+    eq = coord.event_queue
+    job = await eq.publish("fence", "x")
+    [first] = await eq._claim("fence", 10)
+    # The first worker's lease runs out (as if it froze) and another claims the job.
+    _rows(dsn, "UPDATE pgcoord.queue_jobs SET run_at = now() - interval '1 second' RETURNING id")
+    [second] = await eq._claim("fence", 10)
+    assert (first[0], second[0]) == (job, job) and second[1] == first[1] + 1
+    eq._outcomes.complete(job, first[1])  # the late worker reports success
+    eq._outcomes.fail(job, first[1], "late", "late")
+    await eq.flush()
+    assert _rows(dsn, "SELECT id, attempt FROM pgcoord.queue_jobs") == [(job, second[1])]
+    assert await eq.failed_jobs() == []
+    eq._outcomes.complete(job, second[1])  # the owner's completion counts
+    await eq.flush()
+    assert _rows(dsn, "SELECT count(*) FROM pgcoord.queue_jobs") == [(0,)]
+
+
+async def test_unsubscribe_stops_consuming(make_coord: CoordFactory) -> None:
+    coord = await make_coord()
+    got: list[Any] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        got.append(message)
+
+    await coord.event_queue.subscribe("un", process=process, interval=0.05)
+    await coord.event_queue.publish("un", 1)
+    await _until(lambda: got == [1])
+    await coord.event_queue.unsubscribe("un")
+    await coord.event_queue.publish("un", 2)
+    await asyncio.sleep(0.4)
+    assert got == [1]
+    assert (await coord.event_queue.stats("un"))["ready"] == 1
