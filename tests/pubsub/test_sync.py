@@ -27,7 +27,9 @@ async def test_sync_messages_skip_the_sender_by_default(make_coord: CoordFactory
     assert at_a.messages == ["to me too", "only me"]
 
 
-async def test_sync_and_pubsub_channels_of_one_name_are_separate(coord: pgcoord.Coordinator) -> None:
+async def test_sync_and_pubsub_channels_of_one_name_are_separate(
+    coord: pgcoord.Coordinator,
+) -> None:
     pub, sync = Inbox(), Inbox()
     await coord.pubsub_manager.subscribe("same", pub)
     await coord.sync_message_manager.subscribe("same", sync)

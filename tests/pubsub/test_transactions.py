@@ -57,8 +57,6 @@ async def test_psycopg_sync_connection(make_coord: CoordFactory, dsn: str, manag
     assert inbox.messages == ["committed"]
 
 
-
-
 @pytest.mark.parametrize("manager", MANAGERS)
 async def test_sqlalchemy_session(make_coord: CoordFactory, dsn: str, manager: str) -> None:
     publisher, inbox = await pair(make_coord, manager)
