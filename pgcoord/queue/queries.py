@@ -15,6 +15,13 @@ from pgcoord.schema.queue import FAILED, JOBS
 
 _JOB_COLUMNS = "id, attempt, retried, max_retries, timeout, priority, payload"
 
+# Worker-side writes (claim, complete, retry, fail, release, renew) commit without waiting for
+# the WAL flush: set_config(..., true) lasts only for the statement's own transaction. Losing
+# such a write in a server crash only makes a job run again, which at-least-once allows; the
+# enqueue itself stays fully durable. This takes a claim or completion from ~0.3 ms of fsync
+# wait to ~0.07 ms and lets commits overlap.
+_ASYNC_COMMIT = "cfg AS (SELECT set_config('synchronous_commit', 'off', true) AS v)"
+
 
 @dataclass(frozen=True)
 class Queries:
@@ -60,11 +67,11 @@ def build(schema: str) -> Queries:
     # Claimable means run_at <= now(): new, delayed-and-due, retry-due, or lease expired (a
     # dead or frozen worker's job comes back through this very query; no sweeper needed).
     claim = (
-        "WITH c AS (SELECT id FROM {jobs} "
+        f"WITH {_ASYNC_COMMIT}, c AS (SELECT id FROM {{jobs}} "
         "WHERE app = %s AND channel = %s AND run_at <= now() "
         "ORDER BY priority DESC, run_at, id LIMIT %s FOR UPDATE SKIP LOCKED) "
         "UPDATE {jobs} AS j SET run_at = now() + make_interval(secs => %s), "
-        "attempt = j.attempt + 1, worker = %s FROM c WHERE j.id = c.id "
+        "attempt = j.attempt + 1, worker = %s FROM c, cfg WHERE j.id = c.id "
         f"RETURNING j.{_JOB_COLUMNS.replace(', ', ', j.')}"
     )
     fenced = "unnest(%s::bigint[], %s::int[]) AS d(id, attempt)"
@@ -76,16 +83,19 @@ def build(schema: str) -> Queries:
         notify=sql.SQL("SELECT pg_notify(%s, '')"),
         claim=q(claim),
         complete=q(
-            f"DELETE FROM {{jobs}} AS j USING {fenced} WHERE j.id = d.id AND j.attempt = d.attempt"
+            f"WITH {_ASYNC_COMMIT} DELETE FROM {{jobs}} AS j USING {fenced}, cfg "
+            "WHERE j.id = d.id AND j.attempt = d.attempt"
         ),
         retry=q(
+            f"WITH {_ASYNC_COMMIT} "
             "UPDATE {jobs} AS j SET run_at = now() + make_interval(secs => d.delay), "
             "retried = j.retried + 1, worker = NULL "
-            "FROM unnest(%s::bigint[], %s::int[], %s::float8[]) AS d(id, attempt, delay) "
+            "FROM unnest(%s::bigint[], %s::int[], %s::float8[]) AS d(id, attempt, delay), cfg "
             "WHERE j.id = d.id AND j.attempt = d.attempt"
         ),
         fail=q(
-            "WITH d AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::text[], %s::text[]) "
+            f"WITH {_ASYNC_COMMIT}, "
+            "d AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::text[], %s::text[]) "
             "AS d(id, attempt, error, tb)), "
             "moved AS (DELETE FROM {jobs} AS j USING d WHERE j.id = d.id AND j.attempt = d.attempt "
             "RETURNING j.id, j.app, j.channel, j.priority, j.retried, j.max_retries, j.timeout, "
@@ -93,18 +103,20 @@ def build(schema: str) -> Queries:
             "INSERT INTO {failed} (id, app, channel, priority, retried, max_retries, timeout, "
             "created_at, error, traceback, payload) "
             "SELECT m.id, m.app, m.channel, m.priority, m.retried, m.max_retries, m.timeout, "
-            "m.created_at, d.error, d.tb, m.payload FROM moved AS m JOIN d ON d.id = m.id "
+            "m.created_at, d.error, d.tb, m.payload FROM moved AS m JOIN d ON d.id = m.id, cfg "
             "ON CONFLICT (id) DO UPDATE SET error = EXCLUDED.error, traceback = EXCLUDED.traceback, "
             "retried = EXCLUDED.retried, failed_at = now(), payload = EXCLUDED.payload"
         ),
         # Graceful stop: back to the queue at once, without counting a failed try.
         release=q(
-            f"UPDATE {{jobs}} AS j SET run_at = now(), worker = NULL FROM {fenced} "
+            f"WITH {_ASYNC_COMMIT} "
+            f"UPDATE {{jobs}} AS j SET run_at = now(), worker = NULL FROM {fenced}, cfg "
             "WHERE j.id = d.id AND j.attempt = d.attempt"
         ),
         renew=q(
+            f"WITH {_ASYNC_COMMIT} "
             "UPDATE {jobs} AS j SET run_at = now() + make_interval(secs => %s) "
-            f"FROM {fenced} WHERE j.id = d.id AND j.attempt = d.attempt RETURNING j.id"
+            f"FROM {fenced}, cfg WHERE j.id = d.id AND j.attempt = d.attempt RETURNING j.id"
         ),
         list_failed=q(
             "SELECT id, channel, payload, error, traceback, retried, max_retries, priority, "
