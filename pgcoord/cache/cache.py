@@ -139,12 +139,22 @@ class Cache:
             check_key(key)
         if not keys:
             return []
-        if self._near is not None:
-            # Served key by key so every value goes through the near cache's race rules.
-            return [await self.get(key) for key in keys]
-        found = await self._store.mget(list(dict.fromkeys(keys)))
+        near = self._near
+        local: dict[str, Any] = {}
+        if near is not None and self._manager._near_usable():
+            # Near-cache hits are served locally; the rest come in one statement and are not
+            # stored in the near cache (only get() populates it, with its race rules).
+            for key in keys:
+                value = near.get(key)
+                if value is not MISSING:
+                    local[key] = value
+        wanted = [key for key in dict.fromkeys(keys) if key not in local]
+        found = await self._store.mget(wanted) if wanted else {}
         loads = self.serializer.loads
-        return [loads(found[key]) if key in found else None for key in keys]
+        return [
+            local[key] if key in local else loads(found[key]) if key in found else None
+            for key in keys
+        ]
 
     async def mset(
         self, pairs: Mapping[str, Any] | Iterable[tuple[str, Any]], ttl: float | None = None

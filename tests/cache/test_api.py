@@ -13,9 +13,12 @@ from pgcoord.cache import Cache
 from tests.conftest import CoordFactory
 
 
-@pytest.fixture(params=["postgres", "memory"])
+@pytest.fixture(params=["postgres", "memory", "near"])
 async def cache(request: pytest.FixtureRequest, make_coord: CoordFactory) -> Cache:
+    """The same behaviours on each store, and through a near cache in front of Postgres."""
     coord = await make_coord()
+    if request.param == "near":
+        return coord.cache_manager.create_cache("things", local_ttl=60)
     return coord.cache_manager.create_cache("things", store=request.param)
 
 
@@ -299,3 +302,27 @@ async def test_schema_table_is_unlogged(coord: pgcoord.Coordinator, dsn: str) ->
             "SELECT relpersistence FROM pg_class WHERE oid = 'pgcoord.cache_entries'::regclass"
         ).fetchone()
     assert row == ("u",)
+
+
+async def test_near_cache_between_two_instances_and_mutable_values(
+    make_coord: CoordFactory,
+) -> None:
+    a = (await make_coord(app="n")).cache_manager.create_cache("c", local_ttl=60)
+    b = (await make_coord(app="n")).cache_manager.create_cache("c", local_ttl=60)
+    await a.set("k", {"v": [1]})
+    first = await b.get("k")
+    first["v"].append(2)  # a caller mutating what it got must not alter the cached value
+    assert await b.get("k") == {"v": [1]}
+    await a.mset({"k": 2, "j": 3})
+    deadline = asyncio.get_running_loop().time() + 20
+    while await b.mget("k", "j", "x") != [2, 3, None]:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+    await a.mdel("k")
+    while await b.get("k") is not None:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+    assert await b.incr("j") == 4
+    while await a.get("j") != 4:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
