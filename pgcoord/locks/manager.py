@@ -1,0 +1,359 @@
+"""``LockManager``: distributed locks on PostgreSQL advisory locks, with server-enforced leases.
+
+How a lock is taken (one round trip when uncontended): this process's gate for the key (so tasks
+of one process exclude each other), then a dedicated connection from the lock budget, then one
+call of ``lock_acquire`` on it, which takes the session-level advisory lock (waiting in the
+server's FIFO queue, no polling), arms ``idle_session_timeout`` as the lease, draws the fencing
+token and records the holder. See docs/locks.md for the decisions and their reasons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar
+
+import psycopg
+
+from pgcoord import _driver
+from pgcoord.errors import ConnectionFailedError, LockAcquireError, NotRunningError
+from pgcoord.locks import lease
+from pgcoord.locks.connections import LockConnection, LockConnections
+from pgcoord.locks.keygate import KeyGate, KeyGates
+from pgcoord.locks.lock import Lock
+from pgcoord.locks.queries import LockQueries
+from pgcoord.runtime import Runtime, Service
+from pgcoord.transaction import check_transaction, execute, execute_sync
+from pgcoord.validation import check_callable, check_int, check_key, check_positive
+
+log = logging.getLogger("pgcoord.locks")
+
+#: The service tag in the advisory key mapping (``Runtime.advisory_key``).
+SERVICE_TAG = "locks"
+
+# How long stop() waits for acquisitions it cancelled on the server to come back.
+_STOP_WAIT = 5.0
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """One held lock, as ``LockManager.holders()`` reports it."""
+
+    #: The lock's key.
+    key: str
+    #: The holding Coordinator's ``instance_id``.
+    instance_id: str
+    #: When it was acquired (Unix time, seconds).
+    since: float
+    #: The lease length in seconds (None: no lease).
+    ttl: float | None
+    #: Seconds until the server ends the lease if the holder stays silent (None: unknown/no lease).
+    expires_in: float | None
+    #: The holder's fencing token.
+    token: int
+    #: The server process of the holding session.
+    pid: int
+
+
+class LockManager(Service):
+    """Distributed locks for every instance of the app (``coord.lock_manager``).
+
+    ``acquire`` waits, ``try_acquire`` gives up after ``timeout`` seconds (0: at once),
+    ``run_exclusive`` runs a function under a lock, ``lock`` is the ``async with`` form and
+    ``xact_lock`` takes a lock inside your own transaction. Every ``ttl`` is a lease the server
+    enforces (default 30 s; ``None``: no lease). Options: ``lock_max_connections`` (default 10)
+    bounds the connections this process uses for held and waiting locks; ``lock_idle_timeout``
+    (default 10 s) closes lock connections unused that long.
+    """
+
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        "lock_max_connections": 10,
+        "lock_idle_timeout": 10.0,
+    }
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        self._max_connections = check_int(
+            self.option("lock_max_connections"), "lock_max_connections", minimum=1
+        )
+        self._idle_timeout = check_positive(self.option("lock_idle_timeout"), "lock_idle_timeout")
+        self._queries = LockQueries.for_schema(runtime.schema)
+        self._gates = KeyGates()
+        self._connections: LockConnections | None = None
+        self._held: set[Lock] = set()
+        self._waiting: set[LockConnection] = set()
+        self._waiting_done = asyncio.Event()  # set when the last server-side wait ended
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        assert self._rt.dsn is not None
+        self._stopping = False
+        self._connections = LockConnections(
+            self._rt.dsn,
+            max_size=self._max_connections,
+            idle_timeout=self._idle_timeout,
+            connect_timeout=self._rt.connect_timeout,
+            application_name=f"pgcoord lock {self._rt.instance_id}",
+        )
+        async with self._rt.connection() as conn:
+            await conn.execute(self._queries.prune)
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        for lock in list(self._held):
+            lock._force_lost()
+        # Acquisitions blocked on the server: cancel their statements so they end now.
+        for lconn in list(self._waiting):
+            with contextlib.suppress(Exception):
+                await lconn.conn.cancel_safe(timeout=_STOP_WAIT)
+        if self._waiting:
+            self._waiting_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._waiting_done.wait(), _STOP_WAIT)
+        if self._connections is not None:
+            await self._connections.close()
+
+    def _check_running(self) -> None:
+        if self._stopping or not self._rt.running:
+            raise NotRunningError(
+                "the pgcoord Coordinator is not running (not started yet, or stopped); "
+                "its locks ended when it stopped"
+            )
+
+    # -- acquiring -------------------------------------------------------------------------
+
+    async def acquire(self, key: str, ttl: float | None = lease.DEFAULT_TTL) -> Lock:
+        """Wait until the lock for ``key`` is free, take it and return the held :class:`Lock`."""
+        return await self._acquire(key, ttl, None)
+
+    async def try_acquire(
+        self, key: str, timeout: float = 0.0, ttl: float | None = lease.DEFAULT_TTL
+    ) -> Lock:
+        """Take the lock for ``key`` if it is had within ``timeout`` seconds (0: only try).
+
+        Raises :class:`~pgcoord.errors.LockAcquireError` otherwise.
+        """
+        return await self._acquire(key, ttl, lease.check_timeout(timeout))
+
+    def lock(self, key: str, ttl: float | None = lease.DEFAULT_TTL) -> LockContext:
+        """``async with lock_manager.lock(key, ttl=...) as lock:`` — acquire, then release.
+
+        Leaving the block raises :class:`~pgcoord.errors.LockLostError` when the lease ended
+        while the block ran (unless the block raised an error of its own).
+        """
+        return LockContext(self, key, ttl)
+
+    async def run_exclusive(
+        self, key: str, fn: Callable[[], Any], ttl: float | None = lease.DEFAULT_TTL
+    ) -> Any:
+        """Acquire ``key``, run ``fn()`` (sync or async, no arguments), release; return its result.
+
+        Raises :class:`~pgcoord.errors.LockLostError` after ``fn`` returns when the lease ended
+        while it ran.
+        """
+        check_callable(fn, "fn")
+        lock = await self.acquire(key, ttl)
+        return await lock.run_exclusive(fn)
+
+    async def _acquire(self, key: object, ttl: object, timeout: float | None) -> Lock:
+        name = check_key(key)
+        ttl_s = lease.check_ttl(ttl)
+        self._check_running()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        advisory_key = self._rt.advisory_key(SERVICE_TAG, name)
+        gate = self._gates.enter(advisory_key)
+        try:
+            passed = await KeyGates.pass_gate(gate, deadline)
+        except BaseException:
+            self._gates.leave(advisory_key, gate)
+            raise
+        if not passed:
+            self._gates.leave(advisory_key, gate)
+            raise LockAcquireError(
+                f"the lock {name!r} was not acquired within {timeout:g} s: another task of "
+                "this process holds it"
+            )
+        try:
+            return await self._acquire_on_server(name, advisory_key, gate, ttl_s, deadline)
+        except BaseException:
+            gate.lock.release()
+            self._gates.leave(advisory_key, gate)
+            raise
+
+    async def _acquire_on_server(
+        self,
+        name: str,
+        advisory_key: int,
+        gate: KeyGate,
+        ttl: float | None,
+        deadline: float | None,
+    ) -> Lock:
+        connections = self._connections
+        assert connections is not None
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            lconn = await connections.get(deadline)
+            if lconn is None:
+                raise LockAcquireError(
+                    f"the lock {name!r} was not acquired in time: all {connections.max_size} "
+                    "lock connections of this process are in use (raise lock_max_connections)"
+                )
+            remaining = None if deadline is None else deadline - loop.time()
+            params = (
+                advisory_key,
+                lease.server_wait_ms(remaining),
+                lease.server_ttl_ms(ttl),
+                self._rt.app,
+                name,
+                self._rt.instance_id,
+                ttl,
+            )
+            self._waiting.add(lconn)
+            sent_at = loop.time()
+            try:
+                cur = await lconn.conn.execute(self._queries.acquire, params)
+                row = await cur.fetchone()
+            except psycopg.errors.LockNotAvailable:
+                self._not_waiting(lconn)
+                connections.put(lconn)  # lock_timeout: the session is fine and holds nothing
+                row = None
+            except psycopg.Error as exc:
+                self._not_waiting(lconn)
+                connections.discard(lconn)
+                if self._stopping or not self._rt.running:
+                    raise NotRunningError(
+                        f"the pgcoord Coordinator stopped while waiting for the lock {name!r}"
+                    ) from exc
+                error = _driver.translate(exc, self._rt.dsn)
+                if attempt == 0 and isinstance(error, ConnectionFailedError):
+                    continue  # the session died (server restart?) before it got the lock: retry
+                raise error from exc
+            except BaseException:
+                # Cancelled mid-statement: the lock may or may not have been granted. Closing
+                # the session settles it (a closed session holds nothing).
+                self._not_waiting(lconn)
+                connections.discard(lconn)
+                raise
+            self._not_waiting(lconn)
+            token = row[0] if row else None
+            if token is None:
+                if row is not None:
+                    connections.put(lconn)
+                raise LockAcquireError(f"the lock {name!r} is held by another holder")
+            lock = Lock(self, name, advisory_key, gate, lconn, int(token), ttl, sent_at)
+            self._held.add(lock)
+            return lock
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _not_waiting(self, lconn: LockConnection) -> None:
+        self._waiting.discard(lconn)
+        if not self._waiting:
+            self._waiting_done.set()
+
+    # -- called by Lock --------------------------------------------------------------------
+
+    def _connection_done(self, lconn: LockConnection, *, reuse: bool) -> None:
+        connections = self._connections
+        if connections is None:  # pragma: no cover - a Lock exists only after _start
+            return
+        if reuse:
+            connections.put(lconn)
+        else:
+            connections.discard(lconn)
+
+    def _lock_done(self, lock: Lock) -> None:
+        self._held.discard(lock)
+        gate = lock._gate
+        gate.lock.release()
+        self._gates.leave(lock.advisory_key, gate)
+
+    # -- transaction-scoped locks ----------------------------------------------------------
+
+    async def xact_lock(self, key: str, *, transaction: Any) -> None:
+        """Take ``key``'s lock inside the caller's transaction (``pg_advisory_xact_lock``).
+
+        Waits until it is free; it is released when that transaction commits or rolls back.
+        It excludes holders of ``acquire``/``lock`` on the same key too. A sync connection blocks
+        the event loop while it waits: prefer an async one (or the blocking API).
+        """
+        name = check_key(key)
+        check_transaction(transaction)
+        self._check_running()
+        await execute(transaction, self._queries.xact_lock, (self._advisory(name),))
+
+    def xact_lock_sync(self, key: str, *, transaction: Any) -> None:
+        """Blocking twin of :meth:`xact_lock`, for a sync connection or session."""
+        name = check_key(key)
+        check_transaction(transaction)
+        self._check_running()
+        execute_sync(transaction, self._queries.xact_lock, (self._advisory(name),))
+
+    def _advisory(self, name: str) -> int:
+        return self._rt.advisory_key(SERVICE_TAG, name)
+
+    # -- observability ---------------------------------------------------------------------
+
+    async def holders(self) -> list[LockHolder]:
+        """Every lock of this app held right now, by any instance (oldest first).
+
+        Only live holders are listed: a row is shown only while the holding session still holds
+        the advisory lock in ``pg_locks``.
+        """
+        self._check_running()
+        async with self._rt.connection() as conn:
+            cur = await conn.execute(self._queries.holders, (self._rt.app,))
+            rows = await cur.fetchall()
+        return [
+            LockHolder(
+                key=row[0],
+                instance_id=row[1],
+                since=float(row[2]),
+                ttl=row[3],
+                expires_in=None if row[6] is None else max(0.0, float(row[6])),
+                token=int(row[4]),
+                pid=int(row[5]),
+            )
+            for row in rows
+        ]
+
+    def connection_stats(self) -> dict[str, int]:
+        """This process's lock connections: ``open``, ``idle``, ``max`` and ``held`` locks."""
+        connections = self._connections
+        return {
+            "open": connections.size if connections else 0,
+            "idle": connections.idle if connections else 0,
+            "max": self._max_connections,
+            "held": len(self._held),
+        }
+
+
+class LockContext:
+    """What :meth:`LockManager.lock` returns: an async context manager yielding the Lock."""
+
+    def __init__(self, manager: LockManager, key: object, ttl: object) -> None:
+        # Validate now, so a bad argument fails where it was written, before any I/O.
+        self._manager = manager
+        self._key = check_key(key)
+        self._ttl = lease.check_ttl(ttl)
+        self._lock: Lock | None = None
+
+    async def __aenter__(self) -> Lock:
+        self._lock = await self._manager.acquire(self._key, self._ttl)
+        return self._lock
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            await lock.__aexit__(exc_type, exc, tb)

@@ -1,0 +1,68 @@
+"""The locks service's SQL, composed once per schema (identifiers via ``psycopg.sql``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+# Session-level lock, disarm the lease, in one round trip. The holder row is left behind on
+# purpose (it is overwritten by the connection's next acquisition): holders() only trusts a row
+# whose backend still holds that advisory key in pg_locks, and skipping the DELETE keeps the
+# uncontended cycle at two cheap round trips.
+_RELEASE = "SELECT pg_advisory_unlock(%s), set_config('idle_session_timeout', '0', false)"
+
+_HOLDERS = """
+SELECT h.name, h.instance_id, extract(epoch FROM h.acquired_at), h.ttl, h.token, h.pid,
+       extract(epoch FROM a.state_change + make_interval(secs => h.ttl) - clock_timestamp())
+FROM {holders} h
+JOIN pg_locks l
+  ON l.locktype = 'advisory' AND l.granted AND l.pid = h.pid AND l.objsubid = 1
+ AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ AND CAST(l.classid AS bigint) = (h.lock_key >> 32) & 4294967295
+ AND CAST(l.objid AS bigint) = h.lock_key & 4294967295
+LEFT JOIN pg_stat_activity a ON a.pid = h.pid
+WHERE h.app = %s
+ORDER BY h.acquired_at, h.name
+"""
+
+# Rows of sessions that no longer exist (crashed holders) would only accumulate.
+_PRUNE = """
+DELETE FROM {holders} h
+WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = h.pid)
+"""
+
+
+@dataclass(frozen=True)
+class LockQueries:
+    """Rendered statements for one schema (rendered once: composing per call costs time)."""
+
+    acquire: str
+    extend: str
+    release: str
+    holders: str
+    prune: str
+    xact_lock: str
+
+    @classmethod
+    def for_schema(cls, schema: str) -> LockQueries:
+        """Render every statement for ``schema``."""
+
+        def render(query: sql.Composable) -> str:
+            return query.as_string(None)
+
+        holders = sql.Identifier(schema, "lock_holders")
+        return cls(
+            acquire=render(
+                sql.SQL("SELECT {}(%s, %s, %s, %s, %s, %s, %s)").format(
+                    sql.Identifier(schema, "lock_acquire")
+                )
+            ),
+            extend=render(
+                sql.SQL("SELECT {}(%s, %s)").format(sql.Identifier(schema, "lock_extend"))
+            ),
+            release=_RELEASE,
+            holders=render(sql.SQL(_HOLDERS).format(holders=holders)),
+            prune=render(sql.SQL(_PRUNE).format(holders=holders)),
+            xact_lock="SELECT pg_advisory_xact_lock(%s)",
+        )
