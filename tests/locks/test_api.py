@@ -1,0 +1,426 @@
+"""LockManager in one process: the API, leases, tokens, holders, xact locks, budget, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgcoord
+from pgcoord.locks import lease
+from tests.conftest import CoordFactory
+from tests.support import terminate_backend
+
+APP = "locktest"
+
+
+async def wait_for(predicate: Any, timeout: float = 15.0) -> None:
+    """Wait (generously) until ``predicate()`` is true; fail the test if it never is."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.02)
+
+
+async def two(make_coord: CoordFactory, **options: Any) -> tuple[pgcoord.Coordinator, ...]:
+    """Two instances of the same app (separate pools and lock connections, like two hosts)."""
+    return (await make_coord(app=APP, **options), await make_coord(app=APP, **options))
+
+
+async def test_acquire_release_and_try(make_coord: CoordFactory) -> None:
+    a, b = await two(make_coord)
+    lock = await a.lock_manager.acquire("report")
+    assert lock.held and not lock.lost and lock.key == "report" and lock.ttl == 30.0
+    with pytest.raises(pgcoord.LockAcquireError):
+        await b.lock_manager.try_acquire("report")
+    with pytest.raises(pgcoord.LockAcquireError):
+        await b.lock_manager.try_acquire("report", timeout=0.2)
+    await lock.release()
+    assert not lock.held and not lock.lost
+    other = await b.lock_manager.try_acquire("report")
+    assert other.token > lock.token
+    await other.release()
+
+
+async def test_second_acquirer_waits_for_the_release(make_coord: CoordFactory) -> None:
+    a, b = await two(make_coord)
+    first = await a.lock_manager.acquire("k")
+    waiting = asyncio.create_task(b.lock_manager.acquire("k"))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # still waiting: the first holds it
+    await first.release()
+    second = await asyncio.wait_for(waiting, 15)
+    assert second.token > first.token
+    await second.release()
+
+
+async def test_try_acquire_with_timeout_gets_a_lock_released_in_time(
+    make_coord: CoordFactory,
+) -> None:
+    a, b = await two(make_coord)
+    first = await a.lock_manager.acquire("k")
+    asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(first.release()))
+    second = await b.lock_manager.try_acquire("k", timeout=15)
+    assert second.token > first.token
+    await second.release()
+
+
+async def test_two_concurrent_try_acquire_exactly_one_wins(make_coord: CoordFactory) -> None:
+    a, b = await two(make_coord)
+    attempts = [m.try_acquire("race") for m in (a.lock_manager, b.lock_manager) for _ in range(4)]
+    results = await asyncio.gather(*attempts, return_exceptions=True)
+    winners = [r for r in results if isinstance(r, pgcoord.Lock)]
+    assert len(winners) == 1
+    assert all(isinstance(r, pgcoord.LockAcquireError) for r in results if r not in winners)
+    await winners[0].release()
+
+
+async def test_ttl_expiry_lets_the_next_holder_in_and_the_old_one_sees_lost(
+    make_coord: CoordFactory,
+) -> None:
+    a, b = await two(make_coord)
+    first = await a.lock_manager.acquire("k", ttl=0.5)
+    second = await b.lock_manager.acquire("k")  # waits until the lease ends
+    assert first.lost and not first.held
+    assert second.token > first.token
+    with pytest.raises(pgcoord.LockLostError):
+        await first.extend()
+    await first.release()  # a no-op: it must not free the new holder
+    with pytest.raises(pgcoord.LockAcquireError):
+        await a.lock_manager.try_acquire("k")
+    assert [h.token for h in await a.lock_manager.holders()] == [second.token]
+    await second.release()
+
+
+async def test_extend_keeps_the_lock_past_its_first_ttl(make_coord: CoordFactory) -> None:
+    a, b = await two(make_coord)
+    lock = await a.lock_manager.acquire("k", ttl=0.6)
+    for _ in range(5):
+        await asyncio.sleep(0.3)
+        await lock.extend()
+    assert lock.held
+    with pytest.raises(pgcoord.LockAcquireError):
+        await b.lock_manager.try_acquire("k")
+    await lock.extend(60)
+    assert lock.ttl == 60.0
+    assert (await a.lock_manager.holders())[0].ttl == 60.0
+    await lock.release()
+
+
+async def test_lock_without_lease(make_coord: CoordFactory) -> None:
+    a, b = await two(make_coord)
+    lock = await a.lock_manager.acquire("k", ttl=None)
+    assert lock.ttl is None and lock.remaining is None
+    await lock.extend()
+    with pytest.raises(pgcoord.LockAcquireError):
+        await b.lock_manager.try_acquire("k")
+    await lock.release()
+
+
+async def test_terminated_session_frees_the_lock_and_the_holder_sees_lost(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    a, b = await two(make_coord)
+    lock = await a.lock_manager.acquire("k", ttl=300)
+    assert lock.backend_pid is not None
+    assert terminate_backend(dsn, lock.backend_pid)
+    await wait_for(lambda: lock.lost)
+    other = await b.lock_manager.try_acquire("k", timeout=10)
+    with pytest.raises(pgcoord.LockLostError):
+        await lock.extend()
+    await lock.release()  # no-op
+    assert (await b.lock_manager.holders())[0].token == other.token
+    await other.release()
+
+
+async def test_run_exclusive_returns_sync_and_async_results(make_coord: CoordFactory) -> None:
+    (a,) = (await make_coord(app=APP),)
+
+    async def compute() -> int:
+        return 2
+
+    assert await a.lock_manager.run_exclusive("k", lambda: 1) == 1
+    assert await a.lock_manager.run_exclusive("k", compute) == 2
+    with pytest.raises(ZeroDivisionError):
+        await a.lock_manager.run_exclusive("k", lambda: 1 / 0)
+    assert await a.lock_manager.holders() == []  # released after an error too
+    lock = await a.lock_manager.acquire("k")
+    assert await lock.run_exclusive(compute, ttl=5) == 2
+    assert not lock.held and not lock.lost
+    with pytest.raises(pgcoord.LockError):
+        await lock.run_exclusive(compute)  # already released
+
+
+async def test_run_exclusive_raises_lost_when_the_lease_ended_during_fn(
+    make_coord: CoordFactory,
+) -> None:
+    a, b = await two(make_coord)
+    got_in: list[int] = []
+
+    async def slow() -> str:
+        # Meanwhile another instance takes the lock once the lease ended.
+        other = await b.lock_manager.acquire("k")
+        got_in.append(other.token)
+        await other.release()
+        return "result nobody should trust"
+
+    with pytest.raises(pgcoord.LockLostError):
+        await a.lock_manager.run_exclusive("k", slow, ttl=0.4)
+    assert len(got_in) == 1
+
+    with pytest.raises(pgcoord.LockLostError):
+        async with a.lock_manager.lock("k", ttl=0.3):
+            await asyncio.sleep(0.6)
+
+
+async def test_tasks_of_one_process_exclude_each_other(make_coord: CoordFactory) -> None:
+    a, b = await two(make_coord, lock_max_connections=3)
+    inside = 0
+    most = 0
+    tokens: list[int] = []
+
+    async def critical(manager: pgcoord.LockManager) -> None:
+        nonlocal inside, most
+        async with manager.lock("shared") as lock:
+            tokens.append(lock.token)
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0.002)
+            inside -= 1
+
+    await asyncio.gather(
+        *(critical(m) for m in (a.lock_manager, b.lock_manager) for _ in range(15))
+    )
+    assert most == 1
+    assert tokens == sorted(tokens) and len(set(tokens)) == 30
+    # However many tasks queued, each process used one connection for the key.
+    assert a.lock_manager.connection_stats()["open"] == 1
+
+
+async def test_try_acquire_while_another_task_holds_it(make_coord: CoordFactory) -> None:
+    a = await make_coord(app=APP)
+    lock = await a.lock_manager.acquire("k")
+    with pytest.raises(pgcoord.LockAcquireError):
+        await a.lock_manager.try_acquire("k")
+    with pytest.raises(pgcoord.LockAcquireError):
+        await a.lock_manager.try_acquire("k", timeout=0.1)
+    await lock.release()
+    again = await a.lock_manager.try_acquire("k")
+    await again.release()
+
+
+async def test_release_twice_and_stale_release(make_coord: CoordFactory) -> None:
+    a, b = await two(make_coord)
+    first = await a.lock_manager.acquire("k")
+    await first.release()
+    await first.release()  # idempotent
+    second = await a.lock_manager.acquire("k")  # same process: likely the same connection
+    await first.release()  # stale: must not free the second holder
+    assert second.held
+    with pytest.raises(pgcoord.LockAcquireError):
+        await b.lock_manager.try_acquire("k")
+    await second.release()
+
+
+async def test_holders_lists_live_holders_of_this_app(make_coord: CoordFactory) -> None:
+    a, b = await two(make_coord)
+    elsewhere = await make_coord(app="otherapp")
+    assert await a.lock_manager.holders() == []
+    before = time.time()
+    one = await a.lock_manager.acquire("alpha", ttl=20)
+    two_ = await b.lock_manager.acquire("béta ✓", ttl=None)
+    theirs = await elsewhere.lock_manager.acquire("alpha")  # another app: its own namespace
+    holders = await b.lock_manager.holders()
+    assert [(h.key, h.instance_id, h.ttl, h.token, h.pid) for h in holders] == [
+        ("alpha", a.instance_id, 20.0, one.token, one.backend_pid),
+        ("béta ✓", b.instance_id, None, two_.token, two_.backend_pid),
+    ]
+    assert before - 5 < holders[0].since < time.time() + 5
+    assert holders[0].expires_in is not None and 0 < holders[0].expires_in <= 20
+    await one.release()
+    assert [h.key for h in await a.lock_manager.holders()] == ["béta ✓"]
+    await two_.release()
+    await theirs.release()
+    assert await a.lock_manager.holders() == []
+
+
+async def test_xact_lock_holds_until_commit_or_rollback(make_coord: CoordFactory, dsn: str) -> None:
+    a, b = await two(make_coord)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await a.lock_manager.xact_lock("k", transaction=conn)
+        with pytest.raises(pgcoord.LockAcquireError):
+            await b.lock_manager.try_acquire("k")  # session locks and xact locks exclude
+        await conn.commit()
+        lock = await b.lock_manager.try_acquire("k")
+        waiting = asyncio.create_task(a.lock_manager.xact_lock("k", transaction=conn))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # waits for the session lock
+        await lock.release()
+        await asyncio.wait_for(waiting, 15)
+        await conn.rollback()
+        again = await b.lock_manager.try_acquire("k")
+        await again.release()
+
+
+def test_xact_lock_sync_with_a_sqlalchemy_session(dsn: str) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    async def start() -> pgcoord.Coordinator:
+        coord = pgcoord.Coordinator(dsn, app=APP)
+        await coord.start()
+        return coord
+
+    engine = sa.create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=sa.pool.NullPool
+    )
+    loop = asyncio.new_event_loop()
+    coord = loop.run_until_complete(start())
+    try:
+        with Session(engine) as session:
+            coord.lock_manager.xact_lock_sync("k", transaction=session)
+            with pytest.raises(pgcoord.LockAcquireError):
+                loop.run_until_complete(coord.lock_manager.try_acquire("k"))
+            session.rollback()
+        lock = loop.run_until_complete(coord.lock_manager.try_acquire("k"))
+        loop.run_until_complete(lock.release())
+    finally:
+        loop.run_until_complete(coord.stop())
+        loop.close()
+        engine.dispose()
+
+
+async def test_bad_input_fails_before_any_io(make_coord: CoordFactory, dsn: str) -> None:
+    a = await make_coord(app=APP)
+    locks = a.lock_manager
+    for key in ("", "x" * 256):
+        with pytest.raises(ValueError):
+            await locks.acquire(key)
+    for key in (None, 1, b"k"):
+        with pytest.raises(TypeError):
+            await locks.try_acquire(key)  # type: ignore[arg-type]
+    for ttl in (0, -1):
+        with pytest.raises(ValueError):
+            await locks.acquire("k", ttl=ttl)
+        with pytest.raises(ValueError):
+            locks.lock("k", ttl=ttl)
+    with pytest.raises(ValueError):
+        await locks.try_acquire("k", timeout=-1)
+    with pytest.raises(TypeError):
+        await locks.run_exclusive("k", "not callable")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await locks.xact_lock("k", transaction="not a connection")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(ValueError):  # autocommit outside a transaction: nothing to scope to
+            await locks.xact_lock("k", transaction=conn)
+    lock = await locks.acquire("k")
+    with pytest.raises(ValueError):
+        await lock.extend(0)
+    with pytest.raises(TypeError):
+        await lock.run_exclusive(42)  # type: ignore[arg-type]
+    assert lock.held
+    await lock.release()
+    assert await locks.holders() == []
+    with pytest.raises(ValueError):
+        pgcoord.Coordinator(dsn, lock_max_connections=0)
+    with pytest.raises(ValueError):
+        pgcoord.Coordinator(dsn, lock_idle_timeout=0)
+
+
+async def test_use_after_stop(make_coord: CoordFactory, dsn: str) -> None:
+    a, b = await two(make_coord)
+    lock = await a.lock_manager.acquire("k")
+    await a.stop()
+    assert lock.lost  # its lease ended with the Coordinator
+    with pytest.raises(pgcoord.NotRunningError):
+        await lock.extend()
+    with pytest.raises(pgcoord.NotRunningError):
+        await lock.run_exclusive(lambda: None)
+    await lock.release()  # no-op
+    with pytest.raises(pgcoord.NotRunningError):
+        await a.lock_manager.acquire("k")
+    with pytest.raises(pgcoord.NotRunningError):
+        await a.lock_manager.holders()
+    again = await b.lock_manager.try_acquire("k", timeout=10)  # freed by the stop
+    await again.release()
+
+
+async def test_stop_ends_waiting_acquirers_and_context_reports_it(
+    make_coord: CoordFactory,
+) -> None:
+    a, b = await two(make_coord)
+    held = await b.lock_manager.acquire("k")
+    waiting = asyncio.create_task(a.lock_manager.acquire("k"))
+    await asyncio.sleep(0.2)
+    await a.stop()
+    with pytest.raises(pgcoord.NotRunningError):
+        await waiting
+    await held.release()
+
+    c = await make_coord(app=APP)
+    with pytest.raises(pgcoord.NotRunningError):
+        async with c.lock_manager.lock("k"):
+            await c.stop()
+
+
+async def test_connection_budget_bounds_held_and_waiting_locks(make_coord: CoordFactory) -> None:
+    a = await make_coord(app=APP, lock_max_connections=2)
+    one = await a.lock_manager.acquire("one")
+    two_ = await a.lock_manager.acquire("two")
+    with pytest.raises(pgcoord.LockAcquireError, match="lock_max_connections"):
+        await a.lock_manager.try_acquire("three", timeout=0.2)
+    assert a.lock_manager.connection_stats()["open"] == 2
+    assert await a.lock_manager.holders() != []  # the work pool is untouched by held locks
+    waiting = asyncio.create_task(a.lock_manager.acquire("three"))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await one.release()
+    three = await asyncio.wait_for(waiting, 15)
+    assert a.lock_manager.connection_stats() == {"open": 2, "idle": 0, "max": 2, "held": 2}
+    await two_.release()
+    await three.release()
+
+
+async def test_idle_lock_connections_are_closed(make_coord: CoordFactory) -> None:
+    a = await make_coord(app=APP, lock_idle_timeout=0.3)
+    await a.lock_manager.run_exclusive("k", lambda: None)
+    assert a.lock_manager.connection_stats()["idle"] == 1
+    await wait_for(lambda: a.lock_manager.connection_stats()["open"] == 0)
+
+
+async def test_cancelled_waiter_leaves_nothing_behind(make_coord: CoordFactory) -> None:
+    a, b = await two(make_coord)
+    held = await b.lock_manager.acquire("k")
+    waiting = asyncio.create_task(a.lock_manager.acquire("k"))
+    await asyncio.sleep(0.2)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await held.release()
+    lock = await a.lock_manager.try_acquire("k", timeout=10)
+    assert a.lock_manager.connection_stats()["held"] == 1
+    await lock.release()
+
+
+async def test_apps_do_not_share_locks(make_coord: CoordFactory) -> None:
+    mine = await make_coord(app="appone")
+    theirs = await make_coord(app="apptwo")
+    lock = await mine.lock_manager.acquire("same-key")
+    other = await theirs.lock_manager.try_acquire("same-key")
+    await lock.release()
+    await other.release()
+
+
+async def test_tokens_increase_across_keys_and_instances(make_coord: CoordFactory) -> None:
+    a, b = await two(make_coord)
+    seen = []
+    for manager in (a.lock_manager, b.lock_manager, a.lock_manager):
+        for key in ("x", "y"):
+            lock = await manager.acquire(key)
+            seen.append(lock.token)
+            await lock.release()
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+    assert lease.split_token(seen[0])[0] >= 1
