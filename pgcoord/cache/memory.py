@@ -114,5 +114,8 @@ class MemoryStore:
         if isinstance(current, bool) or not isinstance(current, int):
             raise InvalidInputError(f"the value at cache key {key!r} is not an integer")
         result = current + amount
+        if not -(2**63) <= result < 2**63:
+            # The same limit as the Postgres store's bigint, so both stores behave alike.
+            raise InvalidInputError(f"incrementing cache key {key!r} overflows 64 bits")
         self._data[key] = (str(result), entry[1])
         return result

@@ -14,7 +14,7 @@ from psycopg_pool import PoolTimeout
 from pgcoord import _driver
 from pgcoord.cache.patterns import glob_to_like
 from pgcoord.cache.queries import Queries
-from pgcoord.errors import InvalidInputError
+from pgcoord.errors import DatabaseError, InvalidInputError
 from pgcoord.runtime import Runtime
 
 
@@ -26,20 +26,30 @@ class PostgresStore:
         self._q = queries
         self.ns = ns
 
+    # getconn/putconn rather than pool.connection(): the context manager (and the connection's
+    # own `async with`) cost about as much again as the checkout itself, on every operation.
+
     async def _rows(self, query: bytes, params: Any) -> list[tuple[Any, ...]]:
+        pool = self._rt.pool
         try:
-            async with self._rt.pool.connection() as conn:
+            conn = await pool.getconn()
+            try:
                 cur = await conn.execute(query, params)
                 return await cur.fetchall() if cur.description is not None else []
+            finally:
+                await pool.putconn(conn)
         except (psycopg.Error, PoolTimeout) as exc:
             raise _driver.translate(exc, self._rt.dsn) from exc
 
     async def _one(self, query: bytes, params: Any) -> tuple[Any, ...] | None:
-        # The hot path (get): no list building, no extra context manager.
+        pool = self._rt.pool
         try:
-            async with self._rt.pool.connection() as conn:
+            conn = await pool.getconn()
+            try:
                 cur = await conn.execute(query, params)
                 return await cur.fetchone()
+            finally:
+                await pool.putconn(conn)
         except (psycopg.Error, PoolTimeout) as exc:
             raise _driver.translate(exc, self._rt.dsn) from exc
 
@@ -63,9 +73,13 @@ class PostgresStore:
         await self._one_write(self._q.set, (self.ns, key, text, ttl))
 
     async def _one_write(self, query: bytes, params: Any) -> None:
+        pool = self._rt.pool
         try:
-            async with self._rt.pool.connection() as conn:
+            conn = await pool.getconn()
+            try:
                 await conn.execute(query, params)
+            finally:
+                await pool.putconn(conn)
         except (psycopg.Error, PoolTimeout) as exc:
             raise _driver.translate(exc, self._rt.dsn) from exc
 
@@ -99,17 +113,13 @@ class PostgresStore:
         """See :class:`~pgcoord.cache.store.Store`; an existing live key keeps its expiry."""
         params = {"ns": self.ns, "key": key, "amount": amount, "ttl": ttl}
         try:
-            async with self._rt.pool.connection() as conn:
-                cur = await conn.execute(self._q.incr, params)
-                row = await cur.fetchone()
-        except (
-            psycopg.errors.InvalidTextRepresentation,
-            psycopg.errors.NumericValueOutOfRange,
-        ) as exc:
-            raise InvalidInputError(
-                f"the value at cache key {key!r} is not an integer that fits 64 bits"
-            ) from exc
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise _driver.translate(exc, self._rt.dsn) from exc
+            row = await self._one(self._q.incr, params)
+        except DatabaseError as exc:
+            # 22P02: the stored text is not an integer; 22003: the sum overflows bigint.
+            if exc.sqlstate in ("22P02", "22003"):
+                raise InvalidInputError(
+                    f"the value at cache key {key!r} is not an integer that fits 64 bits"
+                ) from exc
+            raise
         assert row is not None
         return int(row[0])

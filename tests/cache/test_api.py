@@ -158,6 +158,10 @@ async def test_incr(cache: Cache) -> None:
     await cache.set("text", "abc")
     with pytest.raises(ValueError, match="not an integer"):
         await cache.incr("text")
+    await cache.set("big", 2**63 - 1)
+    with pytest.raises(ValueError, match="64 bits"):
+        await cache.incr("big")
+    assert await cache.get("big") == 2**63 - 1
     # ttl applies on creation; a live counter keeps its expiry (fixed window)
     assert await cache.incr("win", ttl=0.3) == 1
     assert await cache.incr("win", ttl=60) == 2
