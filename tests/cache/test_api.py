@@ -330,3 +330,35 @@ async def test_near_cache_between_two_instances_and_mutable_values(
     while await a.get("j") != 4:
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.02)
+
+
+async def test_near_cache_does_not_serve_while_the_listener_is_down(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord(app="n")
+    near = coord.cache_manager.create_cache("c", local_ttl=60)
+    await near.set("k", "old")
+    assert await near.get("k") == "old"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE pgcoord.cache_entries SET value = '\"new\"'")
+    assert await near.get("k") == "old"  # served from process memory
+    await coord.listener.stop()  # invalidations can no longer arrive
+    assert not coord.listener.connected
+    assert await near.get("k") == "new"
+    assert await near.mget("k") == ["new"]
+
+
+async def test_many_cold_wraps_do_not_exhaust_a_small_pool(make_coord: CoordFactory) -> None:
+    coord = await make_coord(pool_size=2, connect_timeout=5)
+    cache = coord.cache
+
+    async def fn(i: int) -> int:
+        # The computation itself needs the pool: leaders holding pool connections would starve it.
+        await cache.get("unrelated")
+        await asyncio.sleep(0.2)
+        await cache.get("unrelated")
+        return i
+
+    results = await asyncio.gather(*(cache.wrap(f"key{i}", lambda i=i: fn(i)) for i in range(30)))
+    assert results == list(range(30))
+    assert await cache.mget("key0", "key29") == [0, 29]
