@@ -9,9 +9,8 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import psycopg
-from psycopg_pool import PoolTimeout
 
-from pgcoord import _driver, names
+from pgcoord import names
 from pgcoord.cache import messages, queries
 from pgcoord.cache.cache import Cache
 from pgcoord.cache.cluster_lock import ClusterLocks
@@ -326,14 +325,11 @@ class CacheManager(Service):
         instance's Postgres caches; return the number of rows deleted. Runs on its own every
         ``cache_sweep_interval`` seconds; call it to sweep now."""
         deleted = 0
-        try:
-            async with self._rt.pool.connection() as conn:
-                deleted += await self._sweep_expired(conn)
-                for cache in list(self._caches.values()):
-                    if cache.store_kind == "postgres" and cache.max_entries is not None:
-                        deleted += await self._evict(conn, cache.ns, cache.max_entries)
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise _driver.translate(exc, self._rt.dsn) from exc
+        async with self._rt.connection() as conn:
+            deleted += await self._sweep_expired(conn)
+            for cache in list(self._caches.values()):
+                if cache.store_kind == "postgres" and cache.max_entries is not None:
+                    deleted += await self._evict(conn, cache.ns, cache.max_entries)
         return deleted
 
     async def _locked(self, conn: psycopg.AsyncConnection[Any], key: int) -> bool:

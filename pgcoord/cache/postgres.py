@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg_pool import PoolTimeout
 
 from pgcoord import _driver
@@ -26,32 +27,47 @@ class PostgresStore:
         self._q = queries
         self.ns = ns
 
-    # getconn/putconn rather than pool.connection(): the context manager (and the connection's
-    # own `async with`) cost about as much again as the checkout itself, on every operation.
-
-    async def _rows(self, query: bytes, params: Any) -> list[tuple[Any, ...]]:
+    async def _run(self, query: bytes, params: Any, fetch: int) -> Any:
+        """Run one statement; ``fetch``: 0 nothing, 1 one row (or None), 2 all rows."""
+        # getconn/putconn rather than pool.connection(): the context managers cost about as
+        # much again as the checkout itself, on every operation.
         pool = self._rt.pool
         try:
             conn = await pool.getconn()
+            restore = False
             try:
+                if not conn.autocommit:
+                    # A caller's shared pool may hand out non-autocommit connections; these
+                    # statements must commit on their own, else the pool rolls them back.
+                    await conn.set_autocommit(True)
+                    restore = True
                 cur = await conn.execute(query, params)
-                return await cur.fetchall() if cur.description is not None else []
+                if fetch == 1:
+                    return await cur.fetchone()
+                if fetch == 2:
+                    return await cur.fetchall()
+                return None
             finally:
+                if (
+                    restore
+                    and not conn.closed
+                    and conn.info.transaction_status == TransactionStatus.IDLE
+                ):
+                    await conn.set_autocommit(False)
                 await pool.putconn(conn)
         except (psycopg.Error, PoolTimeout) as exc:
             raise _driver.translate(exc, self._rt.dsn) from exc
 
     async def _one(self, query: bytes, params: Any) -> tuple[Any, ...] | None:
-        pool = self._rt.pool
-        try:
-            conn = await pool.getconn()
-            try:
-                cur = await conn.execute(query, params)
-                return await cur.fetchone()
-            finally:
-                await pool.putconn(conn)
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise _driver.translate(exc, self._rt.dsn) from exc
+        row: tuple[Any, ...] | None = await self._run(query, params, 1)
+        return row
+
+    async def _rows(self, query: bytes, params: Any) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = await self._run(query, params, 2)
+        return rows
+
+    async def _one_write(self, query: bytes, params: Any) -> None:
+        await self._run(query, params, 0)
 
     async def get(self, key: str) -> str | None:
         """See :class:`~pgcoord.cache.store.Store`."""
@@ -71,17 +87,6 @@ class PostgresStore:
     async def set(self, key: str, text: str, ttl: float | None) -> None:
         """See :class:`~pgcoord.cache.store.Store`."""
         await self._one_write(self._q.set, (self.ns, key, text, ttl))
-
-    async def _one_write(self, query: bytes, params: Any) -> None:
-        pool = self._rt.pool
-        try:
-            conn = await pool.getconn()
-            try:
-                await conn.execute(query, params)
-            finally:
-                await pool.putconn(conn)
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise _driver.translate(exc, self._rt.dsn) from exc
 
     async def mset(self, items: Sequence[tuple[str, str]], ttl: float | None) -> None:
         """See :class:`~pgcoord.cache.store.Store`."""

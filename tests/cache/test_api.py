@@ -362,3 +362,25 @@ async def test_many_cold_wraps_do_not_exhaust_a_small_pool(make_coord: CoordFact
     results = await asyncio.gather(*(cache.wrap(f"key{i}", lambda i=i: fn(i)) for i in range(30)))
     assert results == list(range(30))
     assert await cache.mget("key0", "key29") == [0, 29]
+
+
+async def test_writes_commit_on_a_shared_non_autocommit_pool(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    from psycopg_pool import AsyncConnectionPool
+
+    async with AsyncConnectionPool(dsn, min_size=1, max_size=3, open=False) as pool:
+        coord = await make_coord(pool=pool)
+        cache = coord.cache
+        await cache.set("k", "v")
+        await cache.mset({"a": 1})
+        assert await cache.incr("n") == 1
+        await cache.set("short", 1, ttl=0.1)
+        await asyncio.sleep(0.3)
+        assert await coord.cache_manager.sweep() == 1
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute("SELECT key FROM pgcoord.cache_entries ORDER BY key").fetchall()
+        assert rows == [("a",), ("k",), ("n",)]
+        async with pool.connection() as conn:
+            assert not conn.autocommit  # given back as it came
+        await coord.stop()
