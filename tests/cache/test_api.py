@@ -384,3 +384,18 @@ async def test_writes_commit_on_a_shared_non_autocommit_pool(
         async with pool.connection() as conn:
             assert not conn.autocommit  # given back as it came
         await coord.stop()
+
+
+def test_blocking_api_for_sync_applications(dsn: str) -> None:
+    with pgcoord.BlockingCoordinator(dsn, app="blk") as coord:
+        cache = coord.cache
+        cache.set("k", {"a": 1}, ttl=60)
+        assert cache.get("k") == {"a": 1}
+        assert cache.incr("n", 2) == 2
+        assert cache.wrap("w", lambda: "computed") == "computed"
+        assert cache.keys() == ["k", "n", "w"]
+        named = coord.cache_manager.create_cache("named", local_ttl=5)
+        named.mset({"x": 1})
+        assert named.mget("x", "y") == [1, None]
+        coord.cache_manager.flush_all()
+        assert cache.keys() == []
