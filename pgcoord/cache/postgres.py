@@ -13,6 +13,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import PoolTimeout
 
 from pgcoord import _driver
+from pgcoord.cache.lane import ConnectionLane
 from pgcoord.cache.patterns import glob_to_like
 from pgcoord.cache.queries import Queries
 from pgcoord.errors import DatabaseError, InvalidInputError
@@ -22,18 +23,19 @@ from pgcoord.runtime import Runtime
 class PostgresStore:
     """Entries of namespace ``ns`` (``"<app>:<prefix>"``) in the cache table."""
 
-    def __init__(self, runtime: Runtime, queries: Queries, ns: str) -> None:
+    def __init__(self, runtime: Runtime, lane: ConnectionLane, queries: Queries, ns: str) -> None:
         self._rt = runtime
+        self._lane = lane
         self._q = queries
         self.ns = ns
 
     async def _run(self, query: bytes, params: Any, fetch: int) -> Any:
         """Run one statement; ``fetch``: 0 nothing, 1 one row (or None), 2 all rows."""
-        # getconn/putconn rather than pool.connection(): the context managers cost about as
-        # much again as the checkout itself, on every operation.
-        pool = self._rt.pool
+        # The lane, not pool.connection(): the context managers cost about as much again as the
+        # checkout itself, and the lane keeps a sequential caller on one backend.
+        lane = self._lane
         try:
-            conn = await pool.getconn()
+            conn = await lane.acquire()
             restore = False
             try:
                 if not conn.autocommit:
@@ -54,7 +56,7 @@ class PostgresStore:
                     and conn.info.transaction_status == TransactionStatus.IDLE
                 ):
                     await conn.set_autocommit(False)
-                await pool.putconn(conn)
+                await lane.release(conn)
         except (psycopg.Error, PoolTimeout) as exc:
             raise _driver.translate(exc, self._rt.dsn) from exc
 

@@ -399,3 +399,18 @@ def test_blocking_api_for_sync_applications(dsn: str) -> None:
         assert named.mget("x", "y") == [1, None]
         coord.cache_manager.flush_all()
         assert cache.keys() == []
+
+
+async def test_an_idle_cache_gives_its_connection_back_to_the_pool(
+    coord: pgcoord.Coordinator,
+) -> None:
+    for _ in range(20):
+        await coord.cache.set("k", 1)
+        await coord.cache.get("k")
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        stats = coord.pool.get_stats()
+        if stats.get("pool_available", 0) == stats["pool_size"]:
+            break
+        assert asyncio.get_running_loop().time() < deadline, stats
+        await asyncio.sleep(0.1)
