@@ -48,7 +48,8 @@ class CacheManager(Service):
     ``cache_max_entries`` (default size bound of Postgres caches; None: unbounded),
     ``cache_memory_max_entries`` (default bound of memory caches), ``cache_max_value_bytes``
     (default size limit of one encoded value), ``cache_near_max_entries`` (bound of each near
-    cache).
+    cache), ``cache_wrap_timeout`` (seconds ``wrap`` waits for another instance's computation
+    before computing itself).
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {
@@ -58,6 +59,7 @@ class CacheManager(Service):
         "cache_memory_max_entries": 10_000,
         "cache_max_value_bytes": 1_048_576,
         "cache_near_max_entries": 10_000,
+        "cache_wrap_timeout": 30.0,
     }
 
     def __init__(self, runtime: Runtime) -> None:
@@ -81,6 +83,7 @@ class CacheManager(Service):
         self._near_max = check_int(
             self.option("cache_near_max_entries"), "cache_near_max_entries", minimum=1
         )
+        self._wrap_timeout = check_positive(self.option("cache_wrap_timeout"), "cache_wrap_timeout")
         self._queries = queries.build(runtime.schema)
         self._caches: dict[str, Cache] = {}
         self._memory: dict[str, MemoryStore] = {}
@@ -295,6 +298,7 @@ class CacheManager(Service):
         flight = (cache.ns, key)
         event = self._wrap_events.setdefault(flight, asyncio.Event())
         delay = _WRAP_POLL_FIRST
+        give_up = asyncio.get_running_loop().time() + self._wrap_timeout
         try:
             while True:
                 event.clear()
@@ -316,6 +320,15 @@ class CacheManager(Service):
                 value = await cache._lookup(key)
                 if value is not MISSING:
                     return value
+                if asyncio.get_running_loop().time() >= give_up:
+                    # The holder may be frozen (a stopped process keeps its connection, and so
+                    # its lock): stay live and compute here rather than wait forever.
+                    log.warning(
+                        "pgcoord cache: wrap(%r) waited %.1f s for another instance; computing",
+                        key,
+                        self._wrap_timeout,
+                    )
+                    return await cache._compute(key, fn, ttl)
         finally:
             if self._wrap_events.get(flight) is event:
                 del self._wrap_events[flight]

@@ -40,6 +40,18 @@ async def test_wrap_is_single_flight_across_three_processes(
     assert await coord.cache.get("cold") == results[0]
 
 
+async def test_wrap_waiters_do_not_hang_on_a_frozen_leader(
+    dsn: str, make_coord: CoordFactory
+) -> None:
+    coord = await make_coord(app="clu", cache_wrap_timeout=1.0)
+    with support.processes() as procs:
+        _start("freeze", "stuck", dsn=dsn, count=1, procs=procs)
+        await asyncio.to_thread(procs[0].expect, "computing", 60)
+        procs[0].stop()  # SIGSTOP: its connection, and so its lock, stays alive
+        assert await coord.cache.wrap("stuck", lambda: "computed here") == "computed here"
+        assert await coord.cache.get("stuck") == "computed here"
+
+
 async def test_incr_is_atomic_across_three_processes(dsn: str, make_coord: CoordFactory) -> None:
     coord = await make_coord(app="clu")
     with support.processes() as procs:

@@ -3,6 +3,7 @@
 Modes:
 - ``wrap KEY N``: after "go" on stdin, N concurrent ``wrap(KEY)`` calls whose fn counts its runs
   in the cache key ``calls`` and sleeps; prints ``{"results": [...]}``.
+- ``freeze KEY``: leads ``wrap(KEY)`` with a fn that prints ``computing`` and never finishes.
 - ``incr KEY N``: after "go", N concurrent ``incr(KEY)``; prints ``{"done": N}``.
 - ``near``: a cache ``near`` with ``local_ttl=60``; obeys stdin commands ``{"get": key}``,
   ``{"set": [key, value]}``, ``{"listener": true}``, ``{"quit": true}``.
@@ -45,6 +46,15 @@ async def main(mode: str, *args: str) -> None:
                 *(cache.wrap(key, fn, ttl=60) for _ in range(n)), return_exceptions=True
             )
             emit(results=[r if isinstance(r, str) else repr(r) for r in results])
+        elif mode == "freeze":
+            # The leader of wrap(KEY) announces it is computing; the test then SIGSTOPs it.
+            async def slow() -> str:
+                emit(computing=True)
+                await asyncio.sleep(600)
+                return "never"
+
+            emit(ready=True)
+            await coord.cache.wrap(args[0], slow)
         elif mode == "incr":
             key, n = args[0], int(args[1])
             emit(ready=True)
