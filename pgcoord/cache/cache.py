@@ -223,7 +223,9 @@ class Cache:
 
         Concurrent callers (in this process and in every other instance) of a cold key wait for
         one computation and all get its value. If ``fn`` raises, the error reaches the callers
-        waiting on that computation and nothing is cached. A stored ``None`` is a hit.
+        waiting on that computation and nothing is cached. A stored ``None`` is a hit. A waiter
+        in another instance computes the value itself after ``cache_wrap_timeout`` seconds
+        (default 30), so a frozen leader cannot hang the cluster.
         """
         check_key(key)
         check_callable(fn, "fn")
