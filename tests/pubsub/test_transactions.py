@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import psycopg
@@ -135,3 +136,24 @@ async def test_an_autocommit_connection_outside_a_transaction_is_refused(
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         with pytest.raises(ValueError):
             await coord.pubsub_manager.publish("tx", 1, transaction=conn)
+
+
+def test_the_blocking_api_publishes_inside_a_sync_transaction(dsn: str) -> None:
+    received: list[Any] = []
+    sender = pgcoord.BlockingCoordinator(dsn)
+    receiver = pgcoord.BlockingCoordinator(dsn)
+    with sender, receiver:
+        receiver.pubsub_manager.subscribe("blocking", received.append)
+        receiver.sync_message_manager.subscribe("blocking", received.append)
+        with psycopg.connect(dsn) as conn:
+            sender.pubsub_manager.publish("blocking", "rolled back", transaction=conn)
+            conn.rollback()
+            sender.pubsub_manager.publish("blocking", "pub", transaction=conn)
+            sender.sync_message_manager.publish("blocking", "sync", transaction=conn)
+            conn.commit()
+        sender.pubsub_manager.publish("blocking", "plain")
+        deadline = time.monotonic() + 20
+        while len(received) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+    assert received == ["pub", "sync", "plain"]
