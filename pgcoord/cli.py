@@ -110,14 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("action", choices=["start", "stop", "status"])
     server.set_defaults(func=_cmd_server)
 
-    try:
-        from pgcoord.queue import cli as queue_cli
-    except ImportError:  # the queue service adds `pgcoord jobs`
-        pass
-    else:
-        register = getattr(queue_cli, "register", None)
-        if register is not None:
-            register(sub)
+    # Services add their own commands (the queue: `pgcoord jobs failed|retry|purge`).
+    from pgcoord.queue import cli as queue_cli
+
+    queue_cli.register(sub)
     return parser
 
 

@@ -57,7 +57,7 @@ async def run_instance(name: str, peers: int, dsn: str) -> int:
         _say(name, f"started as {coord.instance_id}")
         await coord.pubsub_manager.subscribe("hello", on_hello)
         await coord.sync_message_manager.subscribe("config", on_sync)
-        coord.event_queue.subscribe("work", process=process, concurrency=4)
+        await coord.event_queue.subscribe("work", process=process, concurrency=4)
         # Greet until every peer was heard (peers start at different moments).
         deadline = time.monotonic() + 30
         while not all_heard.is_set() and time.monotonic() < deadline:
