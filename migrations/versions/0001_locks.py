@@ -43,8 +43,7 @@ END
 $fn$"""
     acquire = f"""
 CREATE FUNCTION {s}.lock_acquire(
-    p_key bigint, p_wait_ms integer, p_ttl_ms integer,
-    p_app text, p_name text, p_instance text, p_ttl double precision
+    p_key bigint, p_wait_ms integer, p_ttl_ms integer, p_name text
 ) RETURNS bigint LANGUAGE plpgsql AS $fn$
 DECLARE
     v_epoch bigint;
@@ -68,23 +67,36 @@ BEGIN
         v_epoch := {s}.lock_new_epoch();
     END IF;
     v_token := v_epoch * {_EPOCH_FACTOR} + nextval('{s}.lock_token_seq');
-    INSERT INTO {s}.lock_holders AS h
-        (pid, lock_key, app, name, instance_id, token, acquired_at, ttl)
-    VALUES (pg_backend_pid(), p_key, p_app, p_name, p_instance, v_token, clock_timestamp(), p_ttl)
-    ON CONFLICT (pid) DO UPDATE SET
-        lock_key = excluded.lock_key, app = excluded.app, name = excluded.name,
-        instance_id = excluded.instance_id, token = excluded.token,
-        acquired_at = excluded.acquired_at, ttl = excluded.ttl;
+    -- What changes at every acquisition (token, start, lease) is published in the session's
+    -- application_name, which costs no write; holders() reads it from pg_stat_activity.
+    PERFORM set_config(
+        'application_name',
+        'pgcoord-lock:' || v_token || ':'
+            || CAST(floor(extract(epoch FROM clock_timestamp()) * 1000) AS bigint)
+            || ':' || p_ttl_ms,
+        false);
+    -- Which key and instance: written only when this session last held another key (the
+    -- client passes p_name NULL otherwise). App and instance are this session's settings.
+    IF p_name IS NOT NULL THEN
+        INSERT INTO {s}.lock_holders AS h (pid, lock_key, app, name, instance_id)
+        VALUES (pg_backend_pid(), p_key, current_setting('pgcoord.app'), p_name,
+                current_setting('pgcoord.instance_id'))
+        ON CONFLICT (pid) DO UPDATE SET
+            lock_key = excluded.lock_key, app = excluded.app, name = excluded.name,
+            instance_id = excluded.instance_id;
+    END IF;
     RETURN v_token;
 END
 $fn$"""
     extend = f"""
-CREATE FUNCTION {s}.lock_extend(p_ttl_ms integer, p_ttl double precision)
-RETURNS void LANGUAGE plpgsql AS $fn$
+CREATE FUNCTION {s}.lock_extend(p_ttl_ms integer) RETURNS void LANGUAGE plpgsql AS $fn$
 BEGIN
     -- Any statement restarts the idle timer; this one also sets the new lease length.
     PERFORM set_config('idle_session_timeout', CAST(p_ttl_ms AS text), false);
-    UPDATE {s}.lock_holders SET ttl = p_ttl WHERE pid = pg_backend_pid();
+    PERFORM set_config(
+        'application_name',
+        regexp_replace(current_setting('application_name'), '[0-9]+$', CAST(p_ttl_ms AS text)),
+        false);
 END
 $fn$"""
     return [new_epoch, acquire, extend]
@@ -117,9 +129,6 @@ def upgrade() -> None:
         sa.Column("app", sa.Text(), nullable=False),
         sa.Column("name", sa.Text(), nullable=False),
         sa.Column("instance_id", sa.Text(), nullable=False),
-        sa.Column("token", sa.BigInteger(), nullable=False),
-        sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("ttl", sa.Double(), nullable=True),
         sa.PrimaryKeyConstraint("pid"),
         prefixes=["UNLOGGED"],
         schema=schema,
@@ -136,10 +145,8 @@ def downgrade() -> None:
     """Drop everything :func:`upgrade` created."""
     schema = pgcoord.schema.migration_schema()
     s = op.get_context().dialect.identifier_preparer.quote_schema(schema)
-    op.execute(f"DROP FUNCTION {s}.lock_extend(integer, double precision)")
-    op.execute(
-        f"DROP FUNCTION {s}.lock_acquire(bigint, integer, integer, text, text, text, double precision)"
-    )
+    op.execute(f"DROP FUNCTION {s}.lock_extend(integer)")
+    op.execute(f"DROP FUNCTION {s}.lock_acquire(bigint, integer, integer, text)")
     op.execute(f"DROP FUNCTION {s}.lock_new_epoch()")
     op.execute(f"DROP SEQUENCE {s}.lock_token_seq")
     op.drop_table("lock_holders", schema=schema)

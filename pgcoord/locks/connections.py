@@ -8,10 +8,12 @@ further acquirers queue here (FIFO, without polling) until one comes back. Idle 
 kept for reuse and closed after ``lock_idle_timeout`` seconds, so an idle instance returns to the
 two connections the design allows.
 
-Every connection that is in this module's hands while no statement runs on it is *watched*: its
-socket is registered with the event loop, and since pgcoord sends nothing on it, anything the
-server sends is the session ending (``idle_session_timeout``, ``pg_terminate_backend``, a
-server shutdown). That is how a holder learns at once that its lease is gone, without polling.
+The connection of a held lock is *watched* while no statement runs on it: its socket is
+registered with the event loop, and since pgcoord sends nothing on it, anything the server sends
+is the session ending (``idle_session_timeout``, ``pg_terminate_backend``, a server shutdown).
+That is how a holder learns at once that its lease is gone, without polling. Idle pooled
+connections are not watched (that would cost two system calls per lock cycle): one that died
+while idle fails at its next use, and the acquisition retries once on a fresh connection.
 """
 
 from __future__ import annotations
@@ -32,18 +34,26 @@ from pgcoord.errors import NotRunningError
 log = logging.getLogger("pgcoord.locks")
 
 # Only UNLOGGED bookkeeping is written on lock connections, so their commits need not wait for a
-# WAL flush (the epoch bump forces a synchronous commit for itself).
-_SETUP = "SELECT set_config('synchronous_commit', 'off', false), set_config('application_name', %s, false)"
+# WAL flush (the epoch bump forces a synchronous commit for itself). The app and instance are
+# session settings, read by lock_acquire when it records a holder: fewer parameters per call.
+_SETUP = (
+    "SELECT set_config('synchronous_commit', 'off', false),"
+    " set_config('application_name', %s, false),"
+    " set_config('pgcoord.app', %s, false),"
+    " set_config('pgcoord.instance_id', %s, false)"
+)
 
 
 class LockConnection:
     """One dedicated connection, with the event-loop watch on its socket."""
 
-    __slots__ = ("_fd", "conn", "idle_since")
+    __slots__ = ("_fd", "conn", "idle_since", "registered_key")
 
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self.conn = conn
         self.idle_since = 0.0
+        #: The advisory key this session's ``lock_holders`` row names (None: no row yet).
+        self.registered_key: int | None = None
         self._fd: int | None = None
 
     @property
@@ -105,13 +115,15 @@ class LockConnections:
         max_size: int,
         idle_timeout: float,
         connect_timeout: float,
-        application_name: str,
+        app: str,
+        instance_id: str,
     ) -> None:
         self._dsn = dsn
         self._max_size = max_size
         self._idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
-        self._application_name = application_name[:63]
+        self._app = app
+        self._instance_id = instance_id
         self._idle: list[LockConnection] = []  # LIFO: the warmest connection is reused first
         self._size = 0  # open, opening, or handed to a waiter to open
         # A waiter's future gets a connection, or None meaning "a slot is yours: open one".
@@ -145,7 +157,6 @@ class LockConnections:
                 raise NotRunningError("the pgcoord Coordinator is stopping or stopped")
             if self._idle:
                 lconn = self._idle.pop()
-                lconn.unwatch()
                 if lconn.healthy:
                     return lconn
                 self.discard(lconn)
@@ -189,7 +200,7 @@ class LockConnections:
             conn = await _driver.connect(self._dsn, connect_timeout=self._connect_timeout)
             try:
                 with _driver.translated(self._dsn):
-                    await conn.execute(_SETUP, (self._application_name,))
+                    await conn.execute(_SETUP, ("pgcoord-lock", self._app, self._instance_id))
             except BaseException:
                 await conn.close()
                 raise
@@ -211,7 +222,6 @@ class LockConnections:
         loop = asyncio.get_running_loop()
         lconn.idle_since = loop.time()
         self._idle.append(lconn)
-        lconn.watch(lambda: self._drop_idle(lconn))
         if self._reaper is None:
             self._reaper = loop.call_later(self._idle_timeout, self._reap)
 
@@ -237,12 +247,6 @@ class LockConnections:
                 waiter.set_result(None)  # the slot passes to the waiter, which opens a connection
                 return
         self._size -= 1
-
-    def _drop_idle(self, lconn: LockConnection) -> None:
-        # The server ended an idle session (restart, terminate): forget it before reuse.
-        if lconn in self._idle:
-            self._idle.remove(lconn)
-            self.discard(lconn)
 
     def _reap(self) -> None:
         self._reaper = None

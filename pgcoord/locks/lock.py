@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgcoord.locks")
 
 
+#: A held lock's socket is watched only once the lock has been held this long, so short critical
+#: sections (the common case) never pay the two system calls a watch costs; a session that dies
+#: is still noticed far within the second the API promises.
+WATCH_DELAY = 0.05
+
+
 class _Same(enum.Enum):
     SAME = "same"
 
@@ -157,10 +163,19 @@ class Lock:
     # -- lease watch -----------------------------------------------------------------------
 
     def _arm(self) -> None:
-        assert self._lconn is not None
+        watch_at = self._loop.time() + WATCH_DELAY
+        if self._deadline is not None and self._deadline <= watch_at:
+            self._timer = self._loop.call_at(self._deadline, self._on_expired)
+        else:
+            self._timer = self._loop.call_at(watch_at, self._watch)
+
+    def _watch(self) -> None:
+        self._timer = None
+        if self._lconn is None or self._busy:  # pragma: no cover - an op disarms first
+            return
+        self._lconn.watch(self._on_broken)
         if self._deadline is not None:
             self._timer = self._loop.call_at(self._deadline, self._on_expired)
-        self._lconn.watch(self._on_broken)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -262,7 +277,7 @@ class Lock:
             sent_at = self._loop.time()
             try:
                 await lconn.conn.execute(
-                    self._manager._queries.extend, (lease.server_ttl_ms(new_ttl), new_ttl)
+                    self._manager._queries.extend, (lease.server_ttl_ms(new_ttl),)
                 )
             except BaseException as exc:
                 self._busy = False

@@ -35,6 +35,8 @@ log = logging.getLogger("pgcoord.locks")
 #: The service tag in the advisory key mapping (``Runtime.advisory_key``).
 SERVICE_TAG = "locks"
 
+_ADVISORY_CACHE = 4096
+
 # How long stop() waits for acquisitions it cancelled on the server to come back.
 _STOP_WAIT = 5.0
 
@@ -66,12 +68,15 @@ class LockManager(Service):
     ``run_exclusive`` runs a function under a lock, ``lock`` is the ``async with`` form and
     ``xact_lock`` takes a lock inside your own transaction. Every ``ttl`` is a lease the server
     enforces (default 30 s; ``None``: no lease). Options: ``lock_max_connections`` (default 10)
-    bounds the connections this process uses for held and waiting locks; ``lock_idle_timeout``
-    (default 10 s) closes lock connections unused that long.
+    bounds the connections this process uses for held and waiting locks;
+    ``lock_key_connections`` (default 2) bounds those one key may use (its holder plus queued
+    waiters; further tasks queue in-process); ``lock_idle_timeout`` (default 10 s) closes lock
+    connections unused that long.
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {
         "lock_max_connections": 10,
+        "lock_key_connections": 2,
         "lock_idle_timeout": 10.0,
     }
 
@@ -80,9 +85,13 @@ class LockManager(Service):
         self._max_connections = check_int(
             self.option("lock_max_connections"), "lock_max_connections", minimum=1
         )
+        key_connections = check_int(
+            self.option("lock_key_connections"), "lock_key_connections", minimum=1
+        )
         self._idle_timeout = check_positive(self.option("lock_idle_timeout"), "lock_idle_timeout")
         self._queries = LockQueries.for_schema(runtime.schema)
-        self._gates = KeyGates()
+        self._gates = KeyGates(key_connections)
+        self._advisory_keys: dict[str, int] = {}
         self._connections: LockConnections | None = None
         self._held: set[Lock] = set()
         self._waiting: set[LockConnection] = set()
@@ -99,7 +108,8 @@ class LockManager(Service):
             max_size=self._max_connections,
             idle_timeout=self._idle_timeout,
             connect_timeout=self._rt.connect_timeout,
-            application_name=f"pgcoord lock {self._rt.instance_id}",
+            app=self._rt.app,
+            instance_id=self._rt.instance_id,
         )
         async with self._rt.connection() as conn:
             await conn.execute(self._queries.prune)
@@ -167,10 +177,10 @@ class LockManager(Service):
         self._check_running()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        advisory_key = self._rt.advisory_key(SERVICE_TAG, name)
-        gate = self._gates.enter(advisory_key)
+        advisory_key = self._advisory(name)
+        gate = self._gates.join(advisory_key)
         try:
-            passed = await KeyGates.pass_gate(gate, deadline)
+            passed = await gate.enter(deadline)
         except BaseException:
             self._gates.leave(advisory_key, gate)
             raise
@@ -178,12 +188,12 @@ class LockManager(Service):
             self._gates.leave(advisory_key, gate)
             raise LockAcquireError(
                 f"the lock {name!r} was not acquired within {timeout:g} s: another task of "
-                "this process holds it"
+                "this process holds it or waits for it"
             )
         try:
             return await self._acquire_on_server(name, advisory_key, gate, ttl_s, deadline)
         except BaseException:
-            gate.lock.release()
+            gate.exit()
             self._gates.leave(advisory_key, gate)
             raise
 
@@ -206,14 +216,13 @@ class LockManager(Service):
                     "lock connections of this process are in use (raise lock_max_connections)"
                 )
             remaining = None if deadline is None else deadline - loop.time()
+            # The holder row is written only when this session last served another key.
+            register = lconn.registered_key != advisory_key
             params = (
                 advisory_key,
                 lease.server_wait_ms(remaining),
                 lease.server_ttl_ms(ttl),
-                self._rt.app,
-                name,
-                self._rt.instance_id,
-                ttl,
+                name if register else None,
             )
             self._waiting.add(lconn)
             sent_at = loop.time()
@@ -247,6 +256,7 @@ class LockManager(Service):
                 if row is not None:
                     connections.put(lconn)
                 raise LockAcquireError(f"the lock {name!r} is held by another holder")
+            lconn.registered_key = advisory_key
             lock = Lock(self, name, advisory_key, gate, lconn, int(token), ttl, sent_at)
             self._held.add(lock)
             return lock
@@ -271,7 +281,7 @@ class LockManager(Service):
     def _lock_done(self, lock: Lock) -> None:
         self._held.discard(lock)
         gate = lock._gate
-        gate.lock.release()
+        gate.exit()
         self._gates.leave(lock.advisory_key, gate)
 
     # -- transaction-scoped locks ----------------------------------------------------------
@@ -296,7 +306,13 @@ class LockManager(Service):
         execute_sync(transaction, self._queries.xact_lock, (self._advisory(name),))
 
     def _advisory(self, name: str) -> int:
-        return self._rt.advisory_key(SERVICE_TAG, name)
+        # Hot keys are re-taken constantly; the hash is cached (bounded: cleared when full).
+        key = self._advisory_keys.get(name)
+        if key is None:
+            if len(self._advisory_keys) >= _ADVISORY_CACHE:
+                self._advisory_keys.clear()
+            key = self._advisory_keys[name] = self._rt.advisory_key(SERVICE_TAG, name)
+        return key
 
     # -- observability ---------------------------------------------------------------------
 
@@ -310,18 +326,24 @@ class LockManager(Service):
         async with self._rt.connection() as conn:
             cur = await conn.execute(self._queries.holders, (self._rt.app,))
             rows = await cur.fetchall()
-        return [
-            LockHolder(
-                key=row[0],
-                instance_id=row[1],
-                since=float(row[2]),
-                ttl=row[3],
-                expires_in=None if row[6] is None else max(0.0, float(row[6])),
-                token=int(row[4]),
-                pid=int(row[5]),
+        holders = []
+        for name, instance_id, pid, token, since, ttl_s, idle_for in rows:
+            ttl = float(ttl_s) or None  # a lease of 0 ms is "no lease"
+            expires_in = None
+            if ttl is not None and idle_for is not None:
+                expires_in = max(0.0, ttl - float(idle_for))
+            holders.append(
+                LockHolder(
+                    key=name,
+                    instance_id=instance_id,
+                    since=float(since),
+                    ttl=ttl,
+                    expires_in=expires_in,
+                    token=int(token),
+                    pid=int(pid),
+                )
             )
-            for row in rows
-        ]
+        return holders
 
     def connection_stats(self) -> dict[str, int]:
         """This process's lock connections: ``open``, ``idle``, ``max`` and ``held`` locks."""

@@ -12,18 +12,23 @@ from psycopg import sql
 # uncontended cycle at two cheap round trips.
 _RELEASE = "SELECT pg_advisory_unlock(%s), set_config('idle_session_timeout', '0', false)"
 
+# The holding session publishes "pgcoord-lock:<token>:<start ms>:<lease ms>" as its
+# application_name; the holder row says which key and instance it serves.
 _HOLDERS = """
-SELECT h.name, h.instance_id, extract(epoch FROM h.acquired_at), h.ttl, h.token, h.pid,
-       extract(epoch FROM a.state_change + make_interval(secs => h.ttl) - clock_timestamp())
+SELECT h.name, h.instance_id, h.pid,
+       CAST(split_part(a.application_name, ':', 2) AS bigint),
+       CAST(split_part(a.application_name, ':', 3) AS bigint) / 1000.0,
+       CAST(split_part(a.application_name, ':', 4) AS bigint) / 1000.0,
+       extract(epoch FROM clock_timestamp() - a.state_change)
 FROM {holders} h
 JOIN pg_locks l
   ON l.locktype = 'advisory' AND l.granted AND l.pid = h.pid AND l.objsubid = 1
  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
  AND CAST(l.classid AS bigint) = (h.lock_key >> 32) & 4294967295
  AND CAST(l.objid AS bigint) = h.lock_key & 4294967295
-LEFT JOIN pg_stat_activity a ON a.pid = h.pid
+JOIN pg_stat_activity a ON a.pid = h.pid AND a.application_name LIKE 'pgcoord-lock:%%'
 WHERE h.app = %s
-ORDER BY h.acquired_at, h.name
+ORDER BY 5, h.name
 """
 
 # Rows of sessions that no longer exist (crashed holders) would only accumulate.
@@ -54,13 +59,9 @@ class LockQueries:
         holders = sql.Identifier(schema, "lock_holders")
         return cls(
             acquire=render(
-                sql.SQL("SELECT {}(%s, %s, %s, %s, %s, %s, %s)").format(
-                    sql.Identifier(schema, "lock_acquire")
-                )
+                sql.SQL("SELECT {}(%s, %s, %s, %s)").format(sql.Identifier(schema, "lock_acquire"))
             ),
-            extend=render(
-                sql.SQL("SELECT {}(%s, %s)").format(sql.Identifier(schema, "lock_extend"))
-            ),
+            extend=render(sql.SQL("SELECT {}(%s)").format(sql.Identifier(schema, "lock_extend"))),
             release=_RELEASE,
             holders=render(sql.SQL(_HOLDERS).format(holders=holders)),
             prune=render(sql.SQL(_PRUNE).format(holders=holders)),

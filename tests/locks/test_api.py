@@ -196,8 +196,8 @@ async def test_tasks_of_one_process_exclude_each_other(make_coord: CoordFactory)
     )
     assert most == 1
     assert tokens == sorted(tokens) and len(set(tokens)) == 30
-    # However many tasks queued, each process used one connection for the key.
-    assert a.lock_manager.connection_stats()["open"] == 1
+    # However many tasks queued, each process used at most lock_key_connections (2) for the key.
+    assert a.lock_manager.connection_stats()["open"] <= 2
 
 
 async def test_try_acquire_while_another_task_holds_it(make_coord: CoordFactory) -> None:

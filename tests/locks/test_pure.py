@@ -65,42 +65,72 @@ def test_token_layout_orders_epochs_before_counters() -> None:
     assert lease.split_token(older) == (3, 2**40 - 1)
 
 
-async def test_key_gates_exclude_and_queue_in_order() -> None:
-    gates = KeyGates()
+async def test_key_gate_admits_depth_tasks_then_queues_in_order() -> None:
+    gates = KeyGates(depth=2)
     order: list[int] = []
-    first = gates.enter(7)
-    assert await KeyGates.pass_gate(first, None)
+    first, second = gates.join(7), gates.join(7)
+    assert await first.enter(None)
+    assert await second.enter(None)  # holder plus one waiter may be on the server
 
     async def waiter(n: int) -> None:
-        gate = gates.enter(7)
-        assert await KeyGates.pass_gate(gate, None)
+        gate = gates.join(7)
+        assert await gate.enter(None)
         order.append(n)
-        gate.lock.release()
+        gate.exit()
         gates.leave(7, gate)
 
     tasks = [asyncio.create_task(waiter(n)) for n in range(5)]
     await asyncio.sleep(0.01)
-    assert order == []  # all queued behind the first holder
-    first.lock.release()
+    assert order == []  # all queued in-process
+    first.exit()
     gates.leave(7, first)
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3, 4]
+    second.exit()
+    gates.leave(7, second)
     assert len(gates) == 0  # forgotten once unused
 
 
 async def test_key_gate_try_and_timeout() -> None:
-    gates = KeyGates()
+    gates = KeyGates(depth=1)
     loop = asyncio.get_running_loop()
-    holder = gates.enter(1)
-    assert await KeyGates.pass_gate(holder, loop.time())  # free: a try succeeds
-    other = gates.enter(1)
-    assert not await KeyGates.pass_gate(other, loop.time())  # held: a try fails at once
-    assert not await KeyGates.pass_gate(other, loop.time() + 0.05)  # still held after waiting
+    holder = gates.join(1)
+    assert await holder.enter(loop.time())  # free: a try gets in
+    other = gates.join(1)
+    assert not await other.enter(loop.time())  # taken in this process: a try fails at once
+    assert not await other.enter(loop.time() + 0.05)  # still taken after waiting
     gates.leave(1, other)
-    unrelated = gates.enter(2)
-    assert await KeyGates.pass_gate(unrelated, loop.time())  # other keys are independent
-    holder.lock.release()
+    unrelated = gates.join(2)
+    assert await unrelated.enter(loop.time())  # other keys are independent
+    holder.exit()
     gates.leave(1, holder)
-    unrelated.lock.release()
+    unrelated.exit()
     gates.leave(2, unrelated)
     assert len(gates) == 0
+
+
+async def test_key_gate_try_fails_while_another_task_waits() -> None:
+    gates = KeyGates(depth=2)
+    loop = asyncio.get_running_loop()
+    holder = gates.join(1)
+    assert await holder.enter(None)
+    trier = gates.join(1)
+    # A slot is free, but a local task holds the key: a try reports it taken, no I/O needed.
+    assert not await trier.enter(loop.time())
+    gates.leave(1, trier)
+    holder.exit()
+    gates.leave(1, holder)
+
+
+async def test_key_gate_cancelled_waiter_passes_its_slot_on() -> None:
+    gates = KeyGates(depth=1)
+    holder = gates.join(3)
+    assert await holder.enter(None)
+    quitter, patient = gates.join(3), gates.join(3)
+    cancelled = asyncio.create_task(quitter.enter(None))
+    waiting = asyncio.create_task(patient.enter(None))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    holder.exit()
+    assert await asyncio.wait_for(waiting, 5)
+    assert holder.active == 1
