@@ -31,6 +31,7 @@ from collections.abc import Coroutine, Sequence
 from functools import lru_cache
 from typing import Any, TypeAlias
 
+import psycopg
 from psycopg import sql
 
 from pgcoord import codec
@@ -250,10 +251,12 @@ class Engine:
                 async with self._rt.connection() as conn:
                     await conn.execute(query, params)
                 return
-            except ConnectionFailedError:
-                # Most likely a pooled connection that a server restart killed before we used
-                # it (the pool drops it now). A sync message sent twice is delivered once.
-                if attempt == _PUBLISH_ATTEMPTS:
+            except ConnectionFailedError as exc:
+                # A connection that broke under us: most likely a pooled one that a server
+                # restart killed before we used it (the pool drops it now), so try a fresh one.
+                # Not a pool timeout: the server is unreachable and waiting again would only
+                # multiply the caller's wait. A sync message sent twice is delivered once.
+                if attempt == _PUBLISH_ATTEMPTS or not isinstance(exc.__cause__, psycopg.Error):
                     raise
 
     # -- receiving -------------------------------------------------------------------------
@@ -268,7 +271,12 @@ class Engine:
         if pg == self._wake:
             if not self._channels:
                 return
-            item = self._spawn(self._read_transaction(int(payload)))
+            try:
+                xid = int(payload)
+            except ValueError:
+                log.warning("pgcoord: dropped a malformed wake-up %r", payload[:100])
+                return
+            item = self._spawn(self._read_transaction(xid))
         else:
             if pg not in self._channels:
                 return
