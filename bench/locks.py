@@ -1,7 +1,7 @@
 """Locks: uncontended cycles/s and contended handoffs/s, pgcoord vs raw advisory locks vs Redis.
 
-Rows, all measured in this one run (each figure is the sum of two interleaved halves, so machine
-noise hits every contender alike):
+Rows, all measured in this one run. The machine is noisy, so contenders alternate: uncontended
+loops in 0.25 s slices, contended runs in two halves; each figure covers all its slices.
 
 - uncontended ``LockManager.run_exclusive`` (1 task, no-op fn) beside the raw
   ``pg_advisory_lock`` + ``pg_advisory_unlock`` pair on one connection (goal: ratio >= 0.7) and
@@ -41,7 +41,8 @@ async def _uncontended(ctx: BenchContext, dsn: str) -> tuple[float, float, float
     import redis
     import redis_lock
 
-    half = ctx.seconds / 2
+    rounds = max(2, round(ctx.seconds / 0.25))
+    piece = ctx.seconds / rounds
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
     coord = pgcoord.Coordinator(dsn, app="bench")
     await coord.start()
@@ -65,10 +66,10 @@ async def _uncontended(ctx: BenchContext, dsn: str) -> tuple[float, float, float
             await pgcoord_cycle()
             redis_cycle()
         totals = [0.0, 0.0, 0.0]
-        for _ in range(2):
-            totals[0] += await rate(raw, half) / 2
-            totals[1] += await rate(pgcoord_cycle, half) / 2
-            totals[2] += sync_rate(redis_cycle, half) / 2
+        for _ in range(rounds):
+            totals[0] += await rate(raw, piece) / rounds
+            totals[1] += await rate(pgcoord_cycle, piece) / rounds
+            totals[2] += sync_rate(redis_cycle, piece) / rounds
         return totals[0], totals[1], totals[2]
     finally:
         await conn.close()
@@ -78,7 +79,7 @@ async def _uncontended(ctx: BenchContext, dsn: str) -> tuple[float, float, float
 
 async def _contended(ctx: BenchContext, dsn: str, mode: str) -> float:
     """Handoffs/s of one key among 2 processes x 4 tasks (threads for Redis)."""
-    start_at = time.time() + 3.0  # time for both children to start and connect
+    start_at = time.time() + 2.0  # time for both children to start and connect
     seconds = ctx.seconds / 2
     procs = [
         await asyncio.create_subprocess_exec(
