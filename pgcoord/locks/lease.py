@@ -9,6 +9,7 @@ timeout *up*, so the client never believes it holds a lock longer than the serve
 from __future__ import annotations
 
 import math
+import time
 
 from pgcoord.errors import InvalidInputError
 from pgcoord.validation import check_non_negative, check_positive
@@ -26,6 +27,20 @@ TOKEN_EPOCH_SHIFT = 40
 
 #: ``lock_acquire``'s wait argument meaning "wait as long as it takes".
 WAIT_FOREVER = -1
+
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def now() -> float:
+    """The clock leases are counted on (seconds; only differences are meaningful).
+
+    ``CLOCK_BOOTTIME`` where available: unlike the event loop's monotonic clock it keeps running
+    while the machine is suspended, and the server's lease certainly does.
+    """
+    if _BOOTTIME is not None:
+        return time.clock_gettime(_BOOTTIME)
+    return time.monotonic()  # pragma: no cover - platforms without CLOCK_BOOTTIME
 
 
 def check_ttl(ttl: object, what: str = "ttl") -> float | None:

@@ -146,7 +146,7 @@ class Lock:
             return 0.0
         if self._deadline is None:
             return None
-        return max(0.0, self._deadline - self._loop.time())
+        return max(0.0, self._deadline - lease.now())
 
     @property
     def backend_pid(self) -> int | None:
@@ -158,16 +158,18 @@ class Lock:
         return self._state is _State.HELD
 
     def _expired(self) -> bool:
-        return self._deadline is not None and self._loop.time() >= self._deadline
+        return self._deadline is not None and lease.now() >= self._deadline
 
     # -- lease watch -----------------------------------------------------------------------
 
     def _arm(self) -> None:
-        watch_at = self._loop.time() + WATCH_DELAY
-        if self._deadline is not None and self._deadline <= watch_at:
-            self._timer = self._loop.call_at(self._deadline, self._on_expired)
+        # Deadlines are on lease.now(); the loop's timers only wake us up (if one fires late,
+        # after a suspend, every check below still reads the right clock).
+        left = None if self._deadline is None else self._deadline - lease.now()
+        if left is not None and left <= WATCH_DELAY:
+            self._timer = self._loop.call_later(left, self._on_expired)
         else:
-            self._timer = self._loop.call_at(watch_at, self._watch)
+            self._timer = self._loop.call_later(WATCH_DELAY, self._watch)
 
     def _watch(self) -> None:
         self._timer = None
@@ -175,7 +177,7 @@ class Lock:
             return
         self._lconn.watch(self._on_broken)
         if self._deadline is not None:
-            self._timer = self._loop.call_at(self._deadline, self._on_expired)
+            self._timer = self._loop.call_later(self._deadline - lease.now(), self._on_expired)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -274,7 +276,7 @@ class Lock:
             assert lconn is not None
             self._busy = True
             self._disarm()
-            sent_at = self._loop.time()
+            sent_at = lease.now()
             try:
                 await lconn.conn.execute(
                     self._manager._queries.extend, (lease.server_ttl_ms(new_ttl),)
@@ -309,6 +311,7 @@ class Lock:
             if self._state is _State.RELEASED:
                 raise LockError(f"the lock {self._key!r} was released; acquire it again")
             if self.lost:
+                self._lose("its ttl passed before run_exclusive")
                 raise LockLostError(f"the lock {self._key!r} (token {self._token}) was lost")
         try:
             result = await call(fn)

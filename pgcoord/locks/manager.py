@@ -225,7 +225,7 @@ class LockManager(Service):
                 name if register else None,
             )
             self._waiting.add(lconn)
-            sent_at = loop.time()
+            sent_at = lease.now()
             try:
                 cur = await lconn.conn.execute(self._queries.acquire, params)
                 row = await cur.fetchone()

@@ -134,3 +134,9 @@ async def test_key_gate_cancelled_waiter_passes_its_slot_on() -> None:
     holder.exit()
     assert await asyncio.wait_for(waiting, 5)
     assert holder.active == 1
+
+
+def test_lease_clock_moves_forward() -> None:
+    first = lease.now()
+    second = lease.now()
+    assert second >= first
