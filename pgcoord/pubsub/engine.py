@@ -123,11 +123,10 @@ class Engine:
         listener = self._rt.listener
         self._reconnects = listener.reconnects
         await listener.listen(self._wake, self.on_notify)
-        for ch in list(self._channels.values()):
-            for subs in ch.subs.values():
-                for sub in subs:
-                    sub.open()
-            await listener.listen(ch.pg, self.on_notify)
+        for sub in self._all_subscriptions():
+            sub.open()
+        for pg in list(self._channels):
+            await listener.listen(pg, self.on_notify)
         durable = [ch.pg for ch in self._channels.values() if ch.durable]
         if durable:
             snapshot = await self._snapshot()
@@ -147,10 +146,9 @@ class Engine:
         for task in tasks:
             if task is not current:
                 task.cancel()
-        for ch in self._channels.values():
-            for subs in ch.subs.values():
-                for sub in subs:
-                    await sub.close()
+        # Copied first: a handler finishing while we await may unsubscribe.
+        for sub in self._all_subscriptions():
+            await sub.close()
         await asyncio.gather(*(t for t in tasks if t is not current), return_exceptions=True)
         self._tasks.clear()
         self._snapshots.clear()
@@ -160,6 +158,9 @@ class Engine:
                 await listener.unlisten(pg, self.on_notify)
 
     # -- subscriptions ---------------------------------------------------------------------
+
+    def _all_subscriptions(self) -> list[Subscription]:
+        return [sub for ch in self._channels.values() for subs in ch.subs.values() for sub in subs]
 
     async def subscribe(
         self, tag: str, channel: str, handler: Handler, debounce: float, *, durable: bool

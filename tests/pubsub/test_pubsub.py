@@ -71,14 +71,14 @@ async def test_debounce_collapses_identical_messages_and_keeps_different_ones(
     coord: pgcoord.Coordinator,
 ) -> None:
     debounced, plain = Inbox(), Inbox()
-    await coord.pubsub_manager.subscribe("ch", debounced, debounce=0.5)
+    await coord.pubsub_manager.subscribe("ch", debounced, debounce=1.0)
     await coord.pubsub_manager.subscribe("ch", plain)
     for _ in range(5):
         await coord.pubsub_manager.publish("ch", {"a": 1, "b": 2})
         await coord.pubsub_manager.publish("ch", {"other": True})
     await plain.wait_for(10)
     await debounced.wait_for(2)
-    await settle(1.0)
+    await settle(1.5)
     # One call per distinct message, made after the window (trailing edge).
     assert sorted(debounced.messages, key=str) == [{"a": 1, "b": 2}, {"other": True}]
 
@@ -168,7 +168,7 @@ async def test_no_handler_runs_after_stop_not_even_a_pending_debounced_one(
 ) -> None:
     sender, receiver = await make_coord(), await make_coord()
     debounced, plain = Inbox(), Inbox()
-    await receiver.pubsub_manager.subscribe("ch", debounced, debounce=0.5)
+    await receiver.pubsub_manager.subscribe("ch", debounced, debounce=2.0)
     await receiver.pubsub_manager.subscribe("ch", plain)
     await receiver.sync_message_manager.subscribe("ch", plain)
     await sender.pubsub_manager.publish("ch", "before")
@@ -176,7 +176,7 @@ async def test_no_handler_runs_after_stop_not_even_a_pending_debounced_one(
     await receiver.stop()
     await sender.pubsub_manager.publish("ch", "after")
     await sender.sync_message_manager.publish("ch", "after")
-    await settle(1.0)
+    await settle(2.5)  # past the debounce window that was pending at stop()
     assert debounced.messages == []
     assert plain.messages == ["before"]
 
