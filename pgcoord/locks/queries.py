@@ -6,11 +6,14 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-# Session-level lock, disarm the lease, in one round trip. The holder row is left behind on
-# purpose (it is overwritten by the connection's next acquisition): holders() only trusts a row
-# whose backend still holds that advisory key in pg_locks, and skipping the DELETE keeps the
-# uncontended cycle at two cheap round trips.
-_RELEASE = "SELECT pg_advisory_unlock(%s), set_config('idle_session_timeout', '0', false)"
+# Unlock, disarm the lease and drop the published token, in one round trip. The holder row is
+# left behind on purpose (the connection's next acquisition reuses or rewrites it): holders()
+# only trusts a row whose backend still holds that advisory key in pg_locks, and skipping the
+# DELETE keeps the uncontended cycle free of writes.
+_RELEASE = (
+    "SELECT pg_advisory_unlock(%s), set_config('idle_session_timeout', '0', false),"
+    " set_config('application_name', 'pgcoord-lock', false)"
+)
 
 # The holding session publishes "pgcoord-lock:<token>:<start ms>:<lease ms>" as its
 # application_name; the holder row says which key and instance it serves.

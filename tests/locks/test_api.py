@@ -424,3 +424,41 @@ async def test_tokens_increase_across_keys_and_instances(make_coord: CoordFactor
             await lock.release()
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
     assert lease.split_token(seen[0])[0] >= 1
+
+
+async def test_waiters_block_on_the_server_instead_of_polling(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    a, b = await two(make_coord)
+    held = await a.lock_manager.acquire("k")
+    waiting = asyncio.create_task(b.lock_manager.acquire("k"))
+    await asyncio.sleep(0.3)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT state, wait_event_type, wait_event FROM pg_stat_activity"
+            " WHERE application_name LIKE 'pgcoord-lock%%' AND state = 'active'"
+        )
+        rows = await cur.fetchall()
+    # One waiting session, parked in the server's lock queue (no client loop re-asking).
+    assert rows == [("active", "Lock", "advisory")]
+    await held.release()
+    await (await asyncio.wait_for(waiting, 15)).release()
+
+
+def test_blocking_api(dsn: str) -> None:
+    with (
+        pgcoord.BlockingCoordinator(dsn, app=APP) as a,
+        pgcoord.BlockingCoordinator(dsn, app=APP) as b,
+    ):
+        with a.lock_manager.lock("k", ttl=30) as lock:
+            assert lock.held and lock.token > 0
+            with pytest.raises(pgcoord.LockAcquireError):
+                b.lock_manager.try_acquire("k")
+        assert b.lock_manager.run_exclusive("k", lambda: 7) == 7
+        with psycopg.connect(dsn) as conn:
+            a.lock_manager.xact_lock("k", transaction=conn)
+            with pytest.raises(pgcoord.LockAcquireError):
+                b.lock_manager.try_acquire("k")
+            conn.rollback()
+        again = b.lock_manager.try_acquire("k")
+        again.release()
