@@ -4,7 +4,7 @@ Subscribes to the sync channel ``burst`` and the pub/sub channel ``news`` (and a
 ``node``), then prints ``{"ready": instance_id, "listener_pid": pid}``. Commands, one JSON object
 per stdin line:
 
-* ``{"cmd": "pid"}`` -> ``{"pid_now": listener backend pid or null}``
+* ``{"cmd": "pid"}`` -> ``{"pid_now": listener backend pid or null, "reconnects": n}``
 * ``{"cmd": "report"}`` -> ``{"report": {"burst": [...], "news": [...], "plugin": [...]}}``
 * ``{"cmd": "publish", "kind": "sync"|"pubsub"|"plugin", "message": ...}`` -> ``{"published": ...}``
 * ``{"cmd": "exit"}``
@@ -62,7 +62,7 @@ async def main() -> None:
             if cmd == "exit":
                 break
             if cmd == "pid":
-                emit(pid_now=coord.listener.backend_pid)
+                emit(pid_now=coord.listener.backend_pid, reconnects=coord.listener.reconnects)
             elif cmd == "report":
                 emit(report=received)
             elif cmd == "publish":
