@@ -39,10 +39,42 @@ class PublishOptions:
         }
 
 
+_CACHE: dict[tuple[object, ...], PublishOptions] = {}
+_CACHE_MAX = 256
+
+
 def publish_options(
     *, timeout: object, max_retries: object, delay: object, priority: object
 ) -> PublishOptions:
-    """Validate ``publish`` keywords: timeout > 0, max_retries >= 0, delay >= 0, int priority."""
+    """Validate ``publish`` keywords: timeout > 0, max_retries >= 0, delay >= 0, int priority.
+
+    Producers repeat the same few option sets, so valid ones are remembered (keyed with
+    their types, so ``True`` never passes for ``1``): checking costs a dict lookup.
+    """
+    key = (
+        type(timeout),
+        timeout,
+        type(max_retries),
+        max_retries,
+        type(delay),
+        delay,
+        type(priority),
+        priority,
+    )
+    try:
+        return _CACHE[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable argument, refused below
+        pass
+    opts = _check_publish(timeout, max_retries, delay, priority)
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.clear()
+    _CACHE[key] = opts
+    return opts
+
+
+def _check_publish(
+    timeout: object, max_retries: object, delay: object, priority: object
+) -> PublishOptions:
     t = check_positive(timeout, "timeout")
     retries = check_int(max_retries, "max_retries", minimum=0)
     if retries > _INT4_MAX:

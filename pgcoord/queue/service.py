@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-from pgcoord import codec
+from psycopg import sql
+
+from pgcoord import _driver, codec
 from pgcoord import transaction as txn
 from pgcoord._driver import translated
 from pgcoord.errors import InvalidInputError, InvalidTypeError, PgcoordError
@@ -24,9 +26,13 @@ from pgcoord.queue.outcomes import Outcomes
 from pgcoord.queue.throttle import NotifyState
 from pgcoord.queue.worker import Worker
 from pgcoord.runtime import Runtime, Service
+from pgcoord.schema import queue as schema_queue
 from pgcoord.validation import check_int, check_key, check_positive
 
 log = logging.getLogger("pgcoord.queue")
+
+#: Least seconds between two VACUUMs of the jobs table started by one process.
+_VACUUM_MIN_GAP = 2.0
 
 
 class EventQueue(Service):
@@ -43,15 +49,17 @@ class EventQueue(Service):
     renewal), ``queue_grace`` (seconds ``stop()`` lets running jobs finish before cancelling
     and releasing them), ``queue_batch`` (most jobs claimed per round trip),
     ``queue_notify_gap`` (least seconds between two wake-up NOTIFYs this process sends for one
-    queue), ``queue_txn_notify_window`` (see docs/queue.md).
+    queue), ``queue_txn_notify_window`` (see docs/queue.md), ``queue_vacuum_every`` (this
+    process VACUUMs the jobs table after finishing this many jobs, at most every 2 s; 0: never).
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {
         "queue_lease": 30.0,
         "queue_grace": 10.0,
         "queue_batch": 200,
-        "queue_notify_gap": 0.002,
+        "queue_notify_gap": 0.005,
         "queue_txn_notify_window": 0.01,
+        "queue_vacuum_every": 50_000,
     }
 
     def __init__(self, runtime: Runtime) -> None:
@@ -66,6 +74,7 @@ class EventQueue(Service):
         self._q = queries.build(runtime.schema)
         self._workers: dict[str, Worker] = {}
         self._notify: dict[str, NotifyState] = {}
+        self._pg_channels: dict[str, str] = {}
         self._senders: set[asyncio.Task[None]] = set()
         self._outcomes = Outcomes(self._write, self._q)
         # Outcome flushes and lease renewals both lock job rows; one at a time per process
@@ -73,6 +82,15 @@ class EventQueue(Service):
         self._write_lock = asyncio.Lock()
         self._renewer: asyncio.Task[None] | None = None
         self._started = False
+        self._vacuum_every = check_int(
+            self.option("queue_vacuum_every"), "queue_vacuum_every", minimum=0
+        )
+        self._since_vacuum = 0
+        self._last_vacuum = float("-inf")
+        self._vacuum_task: asyncio.Task[None] | None = None
+        self._vacuum_sql = sql.SQL("VACUUM (SKIP_LOCKED) {}").format(
+            runtime.table(schema_queue.JOBS)
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -93,6 +111,11 @@ class EventQueue(Service):
             if jobs:
                 self._outcomes.release(jobs)
         await self._outcomes.stop(timeout=max(self._rt.connect_timeout, 1.0))
+        if self._vacuum_task is not None:
+            self._vacuum_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._vacuum_task
+            self._vacuum_task = None
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -254,10 +277,10 @@ class EventQueue(Service):
         with_notify: Any,
         transaction: object,
     ) -> list[int]:
-        pg_channel = self._rt.channel("queue", channel)
+        pg_channel = self._pg_channel(channel)
         state = self._notify_state(pg_channel)
         if transaction is None:
-            async with self._rt.connection() as conn:
+            async with _driver.pooled(self._rt.pool, self._rt.dsn) as conn:
                 cur = await conn.execute(plain, params)
                 rows = await cur.fetchall()
             # Committed: a NOTIFY sent from now on reveals these jobs to whoever it wakes.
@@ -273,6 +296,15 @@ class EventQueue(Service):
         return [r[0] for r in rows]
 
     # -- wake-ups --------------------------------------------------------------------------
+
+    def _pg_channel(self, channel: str) -> str:
+        # Hashing the name costs more than the rest of publish()'s Python work: memoise it.
+        pg_channel = self._pg_channels.get(channel)
+        if pg_channel is None:
+            if len(self._pg_channels) > 10_000:
+                self._pg_channels.clear()
+            pg_channel = self._pg_channels[channel] = self._rt.channel("queue", channel)
+        return pg_channel
 
     def _notify_state(self, pg_channel: str) -> NotifyState:
         state = self._notify.get(pg_channel)
@@ -322,6 +354,34 @@ class EventQueue(Service):
     async def _write(self, query: Any, params: Any) -> None:
         async with self._write_lock, self._rt.connection() as conn:
             await conn.execute(query, params)
+        if query is self._q.complete or query is self._q.fail:
+            self._since_vacuum += len(params[0])
+            self._maybe_vacuum()
+
+    def _maybe_vacuum(self) -> None:
+        # Every claim and completion leaves dead row versions, and claims scan the claim index
+        # from its start, through the dead entries: without VACUUM throughput decays with
+        # churn. Autovacuum may be off or visit only once a minute (autovacuum_naptime), so
+        # the workers vacuum themselves; SKIP_LOCKED lets one vacuum run while others skip.
+        every = self._vacuum_every
+        if not every or self._since_vacuum < every:
+            return
+        if self._vacuum_task is not None and not self._vacuum_task.done():
+            return
+        now = time.monotonic()
+        if now - self._last_vacuum < _VACUUM_MIN_GAP:
+            return
+        self._since_vacuum = 0
+        self._last_vacuum = now
+        self._vacuum_task = asyncio.create_task(self._vacuum(), name="pgcoord-queue-vacuum")
+
+    async def _vacuum(self) -> None:
+        try:
+            async with self._rt.connection() as conn:
+                await conn.execute(self._vacuum_sql)
+        except PgcoordError as exc:
+            # Not the owner, server busy, ...: autovacuum remains; the queue still works.
+            log.info("pgcoord queue: VACUUM of the jobs table failed: %s", exc)
 
     async def _renew_loop(self) -> None:
         every = self._lease / 3

@@ -1,0 +1,482 @@
+"""EventQueue benchmark: pgcoord beside pgqueuer (asyncpg and psycopg), procrastinate and raw SQL.
+
+All systems run in this one process against the same server, each in a fresh database.
+
+1. Drain N pre-enqueued no-op jobs with each system's own worker (pgcoord, pgqueuer-asyncpg,
+   pgqueuer-psycopg; procrastinate gets fewer jobs: it is ~30x slower).
+2. The raw primitive: ``DELETE ... WHERE id IN (SELECT ... LIMIT 50 FOR UPDATE SKIP LOCKED)``.
+3. Continuous enqueue + process for ``--seconds`` (producers publish batches of 50 while
+   the worker drains; jobs/s processed).
+4. Idle pickup latency: one job at a time into an idle worker (publish() -> process() start).
+5. 8 producers, one job per transaction: publish() vs the same INSERT into an identical
+   table with no queue (and the naive INSERT+NOTIFY per transaction, and transaction=).
+6. Churn: drain rate at the start vs after QUEUE_BENCH_CHURN jobs (default 600,000) went
+   through the same table.
+
+Environment knobs: QUEUE_BENCH_DRAIN (20000), QUEUE_BENCH_CHURN (600000),
+QUEUE_BENCH_PEERS=0 to skip the peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+import pgcoord
+from bench._common import BenchContext, percentiles
+from pgcoord.queue import queries
+
+DRAIN = int(os.environ.get("QUEUE_BENCH_DRAIN", "20000"))
+CHURN = int(os.environ.get("QUEUE_BENCH_CHURN", "600000"))
+PEERS = os.environ.get("QUEUE_BENCH_PEERS", "1") != "0"
+CONCURRENCY = 100  # pgcoord's per-process concurrency in the throughput runs
+
+
+# -- pgcoord -------------------------------------------------------------------------------
+
+
+async def _pgcoord_drain(coord: pgcoord.Coordinator, channel: str, n: int) -> float:
+    eq = coord.event_queue
+    for start in range(0, n, 5000):
+        await eq.publish_many(channel, list(range(start, min(n, start + 5000))))
+    done = 0
+    finished = asyncio.Event()
+
+    async def noop(message: Any, ctx: pgcoord.JobContext) -> None:
+        nonlocal done
+        done += 1
+        if done == n:
+            finished.set()
+
+    began = time.perf_counter()
+    await eq.subscribe(channel, process=noop, concurrency=CONCURRENCY)
+    await finished.wait()
+    await eq.flush()
+    elapsed = time.perf_counter() - began
+    await eq.unsubscribe(channel)
+    return n / elapsed
+
+
+async def _pgcoord_continuous(coord: pgcoord.Coordinator, seconds: float) -> tuple[float, float]:
+    eq = coord.event_queue
+    done = 0
+
+    async def noop(message: Any, ctx: pgcoord.JobContext) -> None:
+        nonlocal done
+        done += 1
+
+    await eq.subscribe("cont", process=noop, concurrency=CONCURRENCY)
+    published = 0
+    stop = time.perf_counter() + seconds
+
+    async def produce() -> None:
+        nonlocal published
+        while time.perf_counter() < stop:
+            await eq.publish_many("cont", [None] * 50)
+            published += 50
+
+    began = time.perf_counter()
+    await asyncio.gather(produce(), produce())
+    elapsed = time.perf_counter() - began
+    processed = done
+    await eq.unsubscribe("cont")
+    return processed / elapsed, published / elapsed
+
+
+async def _pgcoord_latency(dsn: str, samples: int) -> tuple[float, float]:
+    async with (
+        pgcoord.Coordinator(dsn, app="lat") as consumer,
+        pgcoord.Coordinator(dsn, app="lat") as producer,
+    ):
+        got: asyncio.Queue[float] = asyncio.Queue()
+
+        async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+            got.put_nowait(time.perf_counter() - message)
+
+        await consumer.event_queue.subscribe("lat", process=process, interval=1.0)
+        lat: list[float] = []
+        for _ in range(samples):
+            await asyncio.sleep(0.01)  # the worker is idle, waiting on NOTIFY
+            await producer.event_queue.publish("lat", time.perf_counter())
+            lat.append(await asyncio.wait_for(got.get(), 10))
+        return percentiles([x * 1000 for x in lat])
+
+
+# -- producers -----------------------------------------------------------------------------
+
+
+async def _producers(dsn: str, seconds: float, action: Any, *, writers: int = 8) -> float:
+    conns = [await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(writers)]
+    count = 0
+    stop = time.perf_counter() + seconds
+
+    async def loop(conn: psycopg.AsyncConnection[Any]) -> None:
+        nonlocal count
+        while time.perf_counter() < stop:
+            await action(conn)
+            count += 1
+
+    try:
+        began = time.perf_counter()
+        await asyncio.gather(*(loop(c) for c in conns))
+        return count / (time.perf_counter() - began)
+    finally:
+        for c in conns:
+            await c.close()
+
+
+_PARAMS = {
+    "app": "main",
+    "channel": "p",
+    "priority": 0,
+    "delay": 0.0,
+    "max_retries": 0,
+    "timeout": 15.0,
+    "payload": '{"n":1}',
+}
+
+
+def _gap() -> dict[str, float]:
+    gap = os.environ.get("QUEUE_BENCH_GAP")
+    return {"queue_notify_gap": float(gap)} if gap else {}
+
+
+def _plain_insert() -> str:
+    # The very statement publish() runs, aimed at an identical table that no queue uses.
+    return queries.build("pgcoord").publish.as_string(None).replace("queue_jobs", "plain_jobs")
+
+
+async def _produce_in_child(dsn: str, mode: str, start_at: float, seconds: float) -> int:
+    insert = _plain_insert()
+    naive = (
+        f"WITH ins AS ({insert}), n AS (SELECT pg_notify('plain_jobs', '')) SELECT 1 FROM ins, n"
+    )
+    count = 0
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+        pgcoord.Coordinator(dsn, pool_size=2, **_gap()) as coord,
+    ):
+        eq = coord.event_queue
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            if mode == "plain":
+                await conn.execute(insert, _PARAMS)
+            elif mode == "publish":
+                await eq.publish("p", {"n": 1})
+            elif mode == "naive":
+                await conn.execute(naive, _PARAMS)
+            elif mode == "plain_txn":
+                async with conn.transaction():
+                    await conn.execute(insert, _PARAMS)
+            else:
+                async with conn.transaction():
+                    await eq.publish("p", {"n": 1}, transaction=conn)
+            count += 1
+    return count
+
+
+def _producer_child(dsn: str, mode: str, start_at: float, seconds: float) -> int:
+    """One producer process (an app instance): its count of one-job transactions."""
+    return asyncio.run(_produce_in_child(dsn, mode, start_at, seconds))
+
+
+def _producer_processes(dsn: str, mode: str, seconds: float, writers: int = 8) -> float:
+    import multiprocessing
+
+    start_at = time.time() + 1.5  # every child connected before the clock starts
+    with multiprocessing.get_context("spawn").Pool(writers) as pool:
+        counts = pool.starmap(_producer_child, [(dsn, mode, start_at, seconds)] * writers)
+    return sum(counts) / seconds
+
+
+async def _producer_rows(ctx: BenchContext, dsn: str) -> None:
+    secs = max(2.0, min(ctx.seconds, 3.0))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE pgcoord.plain_jobs (LIKE pgcoord.queue_jobs INCLUDING ALL)")
+    # Eight processes, like eight app instances; modes alternate, each keeps its best run
+    # (the machine is noisy).
+    rates: dict[str, float] = {}
+    for _ in range(2):
+        for mode in ("plain", "publish", "plain_txn", "publish_txn", "naive"):
+            rate = await asyncio.to_thread(_producer_processes, dsn, mode, secs)
+            rates[mode] = max(rates.get(mode, 0.0), rate)
+    ctx.row(
+        "8 producer processes, 1 job/transaction: publish()",
+        rates["publish"],
+        "jobs/s",
+        baseline="same INSERT, no queue",
+        baseline_value=rates["plain"],
+        note="goal >= 0.8",
+    )
+    ctx.row(
+        "8 producer processes: publish(transaction=conn) in BEGIN..COMMIT",
+        rates["publish_txn"],
+        "jobs/s",
+        baseline="same INSERT in BEGIN..COMMIT",
+        baseline_value=rates["plain_txn"],
+    )
+    ctx.row(
+        "8 producer processes: naive INSERT + NOTIFY per transaction",
+        rates["naive"],
+        "jobs/s",
+        baseline="same INSERT, no queue",
+        baseline_value=rates["plain"],
+        note="what the coalescing avoids",
+    )
+
+
+# -- raw primitive -------------------------------------------------------------------------
+
+
+async def _raw_claim_delete(dsn: str, n: int) -> float:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE raw_jobs (id bigserial PRIMARY KEY, payload text)")
+        await conn.execute(
+            "INSERT INTO raw_jobs (payload) SELECT 'x' FROM generate_series(1, %s)", (n,)
+        )
+        await conn.execute("VACUUM ANALYZE raw_jobs")
+        query = (
+            "DELETE FROM raw_jobs WHERE id IN (SELECT id FROM raw_jobs ORDER BY id LIMIT 50 "
+            "FOR UPDATE SKIP LOCKED) RETURNING id, payload"
+        )
+        done = 0
+        began = time.perf_counter()
+        while done < n:
+            cur = await conn.execute(query)
+            got = len(await cur.fetchall())
+            if not got:
+                break
+            done += got
+        return done / (time.perf_counter() - began)
+
+
+# -- peers ---------------------------------------------------------------------------------
+
+
+async def _asyncpg_connect(dsn: str) -> Any:
+    """asyncpg takes URLs or keywords, not libpq key=value strings."""
+    import asyncpg
+
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    kwargs = {
+        "host": params.get("host"),
+        "port": int(params["port"]) if params.get("port") else None,
+        "user": params.get("user"),
+        "password": params.get("password") or None,
+        "database": params.get("dbname"),
+    }
+    return await asyncpg.connect(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+async def _pgqueuer_drain(dsn: str, n: int, driver_kind: str) -> float:
+    from pgqueuer import QueueManager
+    from pgqueuer.queries import Queries
+    from pgqueuer.types import QueueExecutionMode
+
+    if driver_kind == "asyncpg":
+        from pgqueuer.db import AsyncpgDriver
+
+        conn: Any = await _asyncpg_connect(dsn)
+        driver: Any = AsyncpgDriver(conn)
+    else:
+        from pgqueuer.db import PsycopgDriver
+
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        driver = PsycopgDriver(conn)
+    try:
+        queries = Queries(driver)
+        if not await queries.schema_is_installed():
+            await queries.install()
+        for start in range(0, n, 5000):
+            size = min(5000, n - start)
+            await queries.enqueue(["noop"] * size, [None] * size, [0] * size)
+        qm = QueueManager(queries)
+        done = 0
+
+        @qm.entrypoint("noop")
+        async def noop(job: Any) -> None:
+            nonlocal done
+            done += 1
+
+        began = time.perf_counter()
+        await qm.run(mode=QueueExecutionMode.drain, batch_size=10)
+        elapsed = time.perf_counter() - began
+        return done / elapsed
+    finally:
+        await conn.close()
+
+
+async def _pgqueuer_continuous(dsn: str, seconds: float) -> tuple[float, float]:
+    from pgqueuer import QueueManager
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.queries import Queries
+
+    conn = await _asyncpg_connect(dsn)
+    pconn = await _asyncpg_connect(dsn)
+    try:
+        queries = Queries(AsyncpgDriver(conn))
+        if not await queries.schema_is_installed():
+            await queries.install()
+        producer = Queries(AsyncpgDriver(pconn))
+        qm = QueueManager(queries)
+        done = 0
+
+        @qm.entrypoint("noop")
+        async def noop(job: Any) -> None:
+            nonlocal done
+            done += 1
+
+        published = 0
+        stop = time.perf_counter() + seconds
+
+        async def produce() -> None:
+            nonlocal published
+            while time.perf_counter() < stop:
+                await producer.enqueue(["noop"] * 50, [None] * 50, [0] * 50)
+                published += 50
+            qm.shutdown.set()
+
+        began = time.perf_counter()
+        await asyncio.gather(qm.run(batch_size=10, dequeue_timeout=timedelta(seconds=1)), produce())
+        elapsed = time.perf_counter() - began
+        return done / elapsed, published / elapsed
+    finally:
+        await conn.close()
+        await pconn.close()
+
+
+async def _procrastinate_drain(dsn: str, n: int) -> float:
+    import procrastinate
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
+    done = 0
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        nonlocal done
+        done += 1
+
+    async with app.open_async():
+        with contextlib.suppress(Exception):
+            await app.schema_manager.apply_schema_async()
+        for start in range(0, n, 1000):
+            await noop.batch_defer_async(*([{}] * min(1000, n - start)))
+        began = time.perf_counter()
+        await app.run_worker_async(
+            concurrency=10, wait=False, install_signal_handlers=False, delete_jobs="always"
+        )
+        elapsed = time.perf_counter() - began
+    return done / elapsed
+
+
+# -- churn ---------------------------------------------------------------------------------
+
+
+async def _churn(ctx: BenchContext, dsn: str) -> None:
+    async with pgcoord.Coordinator(dsn, app="churn") as coord:
+        first = await _pgcoord_drain(coord, "churn", DRAIN)
+        eq = coord.event_queue
+        passed = DRAIN
+        done = 0
+
+        async def noop(message: Any, ctx_: pgcoord.JobContext) -> None:
+            nonlocal done
+            done += 1
+
+        await eq.subscribe("churn", process=noop, concurrency=CONCURRENCY)
+        began = time.perf_counter()
+        budget = 60.0
+        target = CHURN
+        published = 0
+        while published < target and time.perf_counter() - began < budget:
+            await eq.publish_many("churn", [None] * 5000)
+            published += 5000
+            while published - done > 20000:  # keep a realistic backlog, not a million rows
+                await asyncio.sleep(0.01)
+        while done < published:
+            await asyncio.sleep(0.01)
+        await eq.unsubscribe("churn")
+        passed += published
+        churn_rate = published / (time.perf_counter() - began)
+        last = await _pgcoord_drain(coord, "churn", DRAIN)
+        passed += DRAIN
+    ctx.row(
+        f"drain after {passed:,} jobs passed through",
+        last,
+        "jobs/s",
+        baseline="drain on a fresh table",
+        baseline_value=first,
+        note=f"churn ran at {churn_rate:,.0f} jobs/s",
+    )
+
+
+# -- entry ---------------------------------------------------------------------------------
+
+
+async def run(ctx: BenchContext) -> None:
+    """Run every section; see the module docstring."""
+    logging.getLogger("pgqueuer").setLevel(logging.WARNING)
+    logging.getLogger("procrastinate").setLevel(logging.WARNING)
+    print(f"drain {DRAIN:,} no-op jobs ...", flush=True)
+    dsn = ctx.fresh_database()
+    async with pgcoord.Coordinator(dsn) as coord:
+        ours = await _pgcoord_drain(coord, "drain", DRAIN)
+    raw = await _raw_claim_delete(ctx.fresh_database(migrate=False), DRAIN * 2)
+    peers: dict[str, float] = {}
+    if PEERS:
+        peers["pgqueuer-asyncpg"] = await _pgqueuer_drain(
+            ctx.fresh_database(migrate=False), DRAIN, "asyncpg"
+        )
+        peers["pgqueuer-psycopg"] = await _pgqueuer_drain(
+            ctx.fresh_database(migrate=False), DRAIN // 2, "psycopg"
+        )
+        peers["procrastinate"] = await _procrastinate_drain(
+            ctx.fresh_database(migrate=False), max(1000, DRAIN // 10)
+        )
+    for name, value in peers.items():
+        ctx.row("drain no-op jobs", ours, "jobs/s", baseline=name, baseline_value=value)
+    ctx.row(
+        "drain no-op jobs",
+        ours,
+        "jobs/s",
+        baseline="raw claim+delete, 50/tx, 1 conn",
+        baseline_value=raw,
+        note=f"pgcoord: 1 process, concurrency {CONCURRENCY}",
+    )
+
+    print("continuous enqueue + process ...", flush=True)
+    async with pgcoord.Coordinator(ctx.fresh_database()) as coord:
+        processed, published = await _pgcoord_continuous(coord, ctx.seconds)
+    if PEERS:
+        p_processed, p_published = await _pgqueuer_continuous(
+            ctx.fresh_database(migrate=False), ctx.seconds
+        )
+        ctx.row(
+            f"continuous enqueue+process, {ctx.seconds:g} s",
+            processed,
+            "jobs/s done",
+            baseline="pgqueuer-asyncpg",
+            baseline_value=p_processed,
+            note=f"enqueued {published:,.0f}/s vs {p_published:,.0f}/s",
+        )
+    else:
+        ctx.row("continuous enqueue+process", processed, "jobs/s done")
+
+    print("idle pickup latency ...", flush=True)
+    p50, p99 = await _pgcoord_latency(ctx.fresh_database(), 300)
+    ctx.row("idle pickup latency p50", p50, "ms", note="goal < 5 ms")
+    ctx.row("idle pickup latency p99", p99, "ms", note="goal < 20 ms")
+
+    print("8 producers ...", flush=True)
+    await _producer_rows(ctx, ctx.fresh_database())
+
+    print(f"churn ({CHURN:,} jobs or 60 s) ...", flush=True)
+    await _churn(ctx, ctx.fresh_database())
