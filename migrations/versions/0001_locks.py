@@ -67,36 +67,32 @@ BEGIN
         v_epoch := {s}.lock_new_epoch();
     END IF;
     v_token := v_epoch * {_EPOCH_FACTOR} + nextval('{s}.lock_token_seq');
-    -- What changes at every acquisition (token, start, lease) is published in the session's
-    -- application_name, which costs no write; holders() reads it from pg_stat_activity.
-    PERFORM set_config(
-        'application_name',
-        'pgcoord-lock:' || v_token || ':'
-            || CAST(floor(extract(epoch FROM clock_timestamp()) * 1000) AS bigint)
-            || ':' || p_ttl_ms,
-        false);
-    -- Which key and instance: written only when this session last held another key (the
-    -- client passes p_name NULL otherwise). App and instance are this session's settings.
+    -- Which key, instance and lease this session serves: written only when that changed
+    -- since its last acquisition (the client passes p_name NULL otherwise), so re-taking a
+    -- hot key writes nothing. App and instance are this session's settings.
     IF p_name IS NOT NULL THEN
-        INSERT INTO {s}.lock_holders AS h (pid, lock_key, app, name, instance_id)
+        INSERT INTO {s}.lock_holders AS h (pid, lock_key, app, name, instance_id, ttl_ms, since)
         VALUES (pg_backend_pid(), p_key, current_setting('pgcoord.app'), p_name,
-                current_setting('pgcoord.instance_id'))
+                current_setting('pgcoord.instance_id'), p_ttl_ms, NULL)
         ON CONFLICT (pid) DO UPDATE SET
             lock_key = excluded.lock_key, app = excluded.app, name = excluded.name,
-            instance_id = excluded.instance_id;
+            instance_id = excluded.instance_id, ttl_ms = excluded.ttl_ms, since = NULL;
     END IF;
     RETURN v_token;
 END
 $fn$"""
     extend = f"""
-CREATE FUNCTION {s}.lock_extend(p_ttl_ms integer) RETURNS void LANGUAGE plpgsql AS $fn$
+CREATE FUNCTION {s}.lock_extend(p_ttl_ms integer, p_held_for double precision)
+RETURNS void LANGUAGE plpgsql AS $fn$
 BEGIN
     -- Any statement restarts the idle timer; this one also sets the new lease length.
     PERFORM set_config('idle_session_timeout', CAST(p_ttl_ms AS text), false);
-    PERFORM set_config(
-        'application_name',
-        regexp_replace(current_setting('application_name'), '[0-9]+$', CAST(p_ttl_ms AS text)),
-        false);
+    -- Until now holders() took the start of the holding from the session's state_change
+    -- (the end of the acquiring statement); this statement moves that, so record the start.
+    UPDATE {s}.lock_holders
+    SET ttl_ms = p_ttl_ms,
+        since = COALESCE(since, clock_timestamp() - make_interval(secs => p_held_for))
+    WHERE pid = pg_backend_pid();
 END
 $fn$"""
     return [new_epoch, acquire, extend]
@@ -129,6 +125,8 @@ def upgrade() -> None:
         sa.Column("app", sa.Text(), nullable=False),
         sa.Column("name", sa.Text(), nullable=False),
         sa.Column("instance_id", sa.Text(), nullable=False),
+        sa.Column("ttl_ms", sa.Integer(), nullable=False),
+        sa.Column("since", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("pid"),
         prefixes=["UNLOGGED"],
         schema=schema,
@@ -145,7 +143,7 @@ def downgrade() -> None:
     """Drop everything :func:`upgrade` created."""
     schema = pgcoord.schema.migration_schema()
     s = op.get_context().dialect.identifier_preparer.quote_schema(schema)
-    op.execute(f"DROP FUNCTION {s}.lock_extend(integer)")
+    op.execute(f"DROP FUNCTION {s}.lock_extend(integer, double precision)")
     op.execute(f"DROP FUNCTION {s}.lock_acquire(bigint, integer, integer, text)")
     op.execute(f"DROP FUNCTION {s}.lock_new_epoch()")
     op.execute(f"DROP SEQUENCE {s}.lock_token_seq")

@@ -47,13 +47,14 @@ _SETUP = (
 class LockConnection:
     """One dedicated connection, with the event-loop watch on its socket."""
 
-    __slots__ = ("_fd", "conn", "idle_since", "registered_key")
+    __slots__ = ("_fd", "conn", "idle_since", "registered")
 
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self.conn = conn
         self.idle_since = 0.0
-        #: The advisory key this session's ``lock_holders`` row names (None: no row yet).
-        self.registered_key: int | None = None
+        #: The (advisory key, lease ms) this session's ``lock_holders`` row currently says, or
+        #: None when the row must be (re)written at the next acquisition.
+        self.registered: tuple[int, int] | None = None
         self._fd: int | None = None
 
     @property

@@ -68,6 +68,7 @@ class Lock:
     """
 
     __slots__ = (
+        "_acquired",
         "_busy",
         "_deadline",
         "_gate",
@@ -104,6 +105,7 @@ class Lock:
         self._ttl = ttl
         self._loop = asyncio.get_running_loop()
         self._deadline = lease.local_deadline(sent_at, ttl)
+        self._acquired = lease.now()
         self._state = _State.HELD
         self._busy = False
         self._op: asyncio.Lock | None = None
@@ -277,9 +279,12 @@ class Lock:
             self._busy = True
             self._disarm()
             sent_at = lease.now()
+            # The holder row now differs from what the next acquisition on this session expects.
+            lconn.registered = None
             try:
                 await lconn.conn.execute(
-                    self._manager._queries.extend, (lease.server_ttl_ms(new_ttl),)
+                    self._manager._queries.extend,
+                    (lease.server_ttl_ms(new_ttl), sent_at - self._acquired),
                 )
             except BaseException as exc:
                 self._busy = False

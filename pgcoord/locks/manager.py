@@ -49,14 +49,14 @@ class LockHolder:
     key: str
     #: The holding Coordinator's ``instance_id``.
     instance_id: str
-    #: When it was acquired (Unix time, seconds).
-    since: float
+    #: When it was acquired (Unix time, seconds, server clock; None without the permission to
+    #: read the holder's ``pg_stat_activity`` row).
+    since: float | None
     #: The lease length in seconds (None: no lease).
     ttl: float | None
-    #: Seconds until the server ends the lease if the holder stays silent (None: unknown/no lease).
+    #: Seconds until the server ends the lease if the holder stays silent (None: no lease, or
+    #: not visible).
     expires_in: float | None
-    #: The holder's fencing token.
-    token: int
     #: The server process of the holding session.
     pid: int
 
@@ -216,12 +216,13 @@ class LockManager(Service):
                     "lock connections of this process are in use (raise lock_max_connections)"
                 )
             remaining = None if deadline is None else deadline - loop.time()
-            # The holder row is written only when this session last served another key.
-            register = lconn.registered_key != advisory_key
+            # The holder row is written only when this session last served another key or lease.
+            ttl_ms = lease.server_ttl_ms(ttl)
+            register = lconn.registered != (advisory_key, ttl_ms)
             params = (
                 advisory_key,
                 lease.server_wait_ms(remaining),
-                lease.server_ttl_ms(ttl),
+                ttl_ms,
                 name if register else None,
             )
             self._waiting.add(lconn)
@@ -256,7 +257,7 @@ class LockManager(Service):
                 if row is not None:
                     connections.put(lconn)
                 raise LockAcquireError(f"the lock {name!r} is held by another holder")
-            lconn.registered_key = advisory_key
+            lconn.registered = (advisory_key, ttl_ms)
             lock = Lock(self, name, advisory_key, gate, lconn, int(token), ttl, sent_at)
             self._held.add(lock)
             return lock
@@ -327,8 +328,8 @@ class LockManager(Service):
             cur = await conn.execute(self._queries.holders, (self._rt.app,))
             rows = await cur.fetchall()
         holders = []
-        for name, instance_id, pid, token, since, ttl_s, idle_for in rows:
-            ttl = float(ttl_s) or None  # a lease of 0 ms is "no lease"
+        for name, instance_id, pid, ttl_ms, since, idle_for in rows:
+            ttl = ttl_ms / 1000.0 if ttl_ms else None  # 0 ms is "no lease"
             expires_in = None
             if ttl is not None and idle_for is not None:
                 expires_in = max(0.0, ttl - float(idle_for))
@@ -336,10 +337,9 @@ class LockManager(Service):
                 LockHolder(
                     key=name,
                     instance_id=instance_id,
-                    since=float(since),
+                    since=None if since is None else float(since),
                     ttl=ttl,
                     expires_in=expires_in,
-                    token=int(token),
                     pid=int(pid),
                 )
             )

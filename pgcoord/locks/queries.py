@@ -6,22 +6,17 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-# Unlock, disarm the lease and drop the published token, in one round trip. The holder row is
+# Unlock and disarm the lease, in one round trip. The holder row is
 # left behind on purpose (the connection's next acquisition reuses or rewrites it): holders()
 # only trusts a row whose backend still holds that advisory key in pg_locks, and skipping the
 # DELETE keeps the uncontended cycle free of writes.
-_RELEASE = (
-    "SELECT pg_advisory_unlock(%s), set_config('idle_session_timeout', '0', false),"
-    " set_config('application_name', 'pgcoord-lock', false)"
-)
+_RELEASE = "SELECT pg_advisory_unlock(%s), set_config('idle_session_timeout', '0', false)"
 
-# The holding session publishes "pgcoord-lock:<token>:<start ms>:<lease ms>" as its
-# application_name; the holder row says which key and instance it serves.
+# A holding's start is the end of its acquiring statement (state_change of the idle session),
+# unless an extend recorded it; the lease counts from the session's last statement.
 _HOLDERS = """
-SELECT h.name, h.instance_id, h.pid,
-       CAST(split_part(a.application_name, ':', 2) AS bigint),
-       CAST(split_part(a.application_name, ':', 3) AS bigint) / 1000.0,
-       CAST(split_part(a.application_name, ':', 4) AS bigint) / 1000.0,
+SELECT h.name, h.instance_id, h.pid, h.ttl_ms,
+       extract(epoch FROM COALESCE(h.since, a.state_change)),
        extract(epoch FROM clock_timestamp() - a.state_change)
 FROM {holders} h
 JOIN pg_locks l
@@ -29,7 +24,7 @@ JOIN pg_locks l
  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
  AND CAST(l.classid AS bigint) = (h.lock_key >> 32) & 4294967295
  AND CAST(l.objid AS bigint) = h.lock_key & 4294967295
-JOIN pg_stat_activity a ON a.pid = h.pid AND a.application_name LIKE 'pgcoord-lock:%%'
+LEFT JOIN pg_stat_activity a ON a.pid = h.pid
 WHERE h.app = %s
 ORDER BY 5, h.name
 """
@@ -64,7 +59,9 @@ class LockQueries:
             acquire=render(
                 sql.SQL("SELECT {}(%s, %s, %s, %s)").format(sql.Identifier(schema, "lock_acquire"))
             ),
-            extend=render(sql.SQL("SELECT {}(%s)").format(sql.Identifier(schema, "lock_extend"))),
+            extend=render(
+                sql.SQL("SELECT {}(%s, %s)").format(sql.Identifier(schema, "lock_extend"))
+            ),
             release=_RELEASE,
             holders=render(sql.SQL(_HOLDERS).format(holders=holders)),
             prune=render(sql.SQL(_PRUNE).format(holders=holders)),

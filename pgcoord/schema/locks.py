@@ -6,12 +6,12 @@
   under. PostgreSQL empties it in crash recovery at the same moment it resets the UNLOGGED
   sequence ``lock_token_seq``, so "row present" means "the sequence was not reset since the epoch
   was taken", and a token ``epoch * 2**40 + nextval`` never goes backwards.
-- ``lock_holders`` (UNLOGGED): which key and instance a lock connection serves, one row per
-  connection (keyed by its backend pid), rewritten only when the connection takes a different
-  key than last time, so re-taking a hot key writes nothing. What changes at every acquisition
-  (token, start, lease) is published in the session's ``application_name`` instead. Rows are
-  only trusted when ``pg_locks`` shows that backend holding that advisory key, so a crashed or
-  released holder's leftover row is never listed.
+- ``lock_holders`` (UNLOGGED): which key, instance and lease a lock connection serves, one row
+  per connection (keyed by its backend pid), rewritten only when the connection takes a different
+  key or lease than last time, so re-taking a hot key writes nothing. The start of a holding is
+  the session's ``pg_stat_activity.state_change`` (the end of the acquiring statement) until an
+  ``extend`` records it in ``since``. Rows are only trusted when ``pg_locks`` shows that backend
+  holding that advisory key, so a crashed or released holder's leftover row is never listed.
 
 The sequence ``lock_token_seq`` and the functions ``lock_acquire``/``lock_extend``/
 ``lock_new_epoch`` are created by the revision too (Alembic's autogenerate compares neither).
@@ -23,6 +23,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    DateTime,
     Integer,
     MetaData,
     SmallInteger,
@@ -56,5 +57,7 @@ def define(metadata: MetaData) -> None:
         Column("app", Text, nullable=False),
         Column("name", Text, nullable=False),
         Column("instance_id", Text, nullable=False),
+        Column("ttl_ms", Integer, nullable=False),
+        Column("since", DateTime(timezone=True), nullable=True),
         prefixes=["UNLOGGED"],
     )

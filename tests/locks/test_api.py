@@ -91,7 +91,7 @@ async def test_ttl_expiry_lets_the_next_holder_in_and_the_old_one_sees_lost(
     await first.release()  # a no-op: it must not free the new holder
     with pytest.raises(pgcoord.LockAcquireError):
         await a.lock_manager.try_acquire("k")
-    assert [h.token for h in await a.lock_manager.holders()] == [second.token]
+    assert [h.pid for h in await a.lock_manager.holders()] == [second.backend_pid]
     await second.release()
 
 
@@ -132,7 +132,7 @@ async def test_terminated_session_frees_the_lock_and_the_holder_sees_lost(
     with pytest.raises(pgcoord.LockLostError):
         await lock.extend()
     await lock.release()  # no-op
-    assert (await b.lock_manager.holders())[0].token == other.token
+    assert (await b.lock_manager.holders())[0].pid == other.backend_pid
     await other.release()
 
 
@@ -234,12 +234,19 @@ async def test_holders_lists_live_holders_of_this_app(make_coord: CoordFactory) 
     two_ = await b.lock_manager.acquire("béta ✓", ttl=None)
     theirs = await elsewhere.lock_manager.acquire("alpha")  # another app: its own namespace
     holders = await b.lock_manager.holders()
-    assert [(h.key, h.instance_id, h.ttl, h.token, h.pid) for h in holders] == [
-        ("alpha", a.instance_id, 20.0, one.token, one.backend_pid),
-        ("béta ✓", b.instance_id, None, two_.token, two_.backend_pid),
+    assert [(h.key, h.instance_id, h.ttl, h.pid) for h in holders] == [
+        ("alpha", a.instance_id, 20.0, one.backend_pid),
+        ("béta ✓", b.instance_id, None, two_.backend_pid),
     ]
-    assert before - 5 < holders[0].since < time.time() + 5
+    assert holders[0].since is not None and before - 5 < holders[0].since < time.time() + 5
     assert holders[0].expires_in is not None and 0 < holders[0].expires_in <= 20
+    assert holders[1].expires_in is None  # no lease
+    since = holders[0].since
+    await asyncio.sleep(0.2)
+    await one.extend(40)  # moves the lease, not the start of the holding
+    (extended,) = [h for h in await b.lock_manager.holders() if h.key == "alpha"]
+    assert extended.ttl == 40.0 and extended.since is not None
+    assert abs(extended.since - since) < 0.15
     await one.release()
     assert [h.key for h in await a.lock_manager.holders()] == ["béta ✓"]
     await two_.release()

@@ -100,7 +100,7 @@ async def test_frozen_holder_loses_the_lock_and_learns_it_when_thawed(
         assert holder.expect("extend_error")["extend_error"] == "LockLostError"
         holder.send({"op": "release"})  # a no-op: must not free the new holder
         holder.expect("released")
-        assert [h.token for h in await coord.lock_manager.holders()] == [lock.token]
+        assert [h.pid for h in await coord.lock_manager.holders()] == [lock.backend_pid]
         await lock.release()
 
 
