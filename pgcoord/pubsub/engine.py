@@ -32,12 +32,12 @@ from functools import lru_cache
 from typing import Any, TypeAlias
 
 import psycopg
-from psycopg import sql
 
 from pgcoord import codec
 from pgcoord import transaction as txn
 from pgcoord.errors import ConnectionFailedError, PgcoordError
 from pgcoord.pubsub import envelope as wire
+from pgcoord.pubsub.lane import Lane
 from pgcoord.pubsub.queries import NOTIFY, SNAPSHOT, Queries
 from pgcoord.pubsub.seen import SeenIds
 from pgcoord.pubsub.subscription import Handler, Subscription
@@ -100,6 +100,7 @@ class Engine:
         self._sweeper: asyncio.Task[None] | None = None
         self._running = False
         self._reconnects = 0
+        self._lane = Lane(rt)
 
     # -- names -----------------------------------------------------------------------------
 
@@ -152,6 +153,7 @@ class Engine:
         await asyncio.gather(*(t for t in tasks if t is not current), return_exceptions=True)
         self._tasks.clear()
         self._snapshots.clear()
+        await self._lane.close()
         with contextlib.suppress(PgcoordError):
             listener = self._rt.listener
             for pg in [self._wake, *self._channels]:
@@ -246,10 +248,10 @@ class Engine:
         else:
             await self._send(self._q.insert_and_notify, (pg, durable, envelope, inline))
 
-    async def _send(self, query: sql.SQL | sql.Composed, params: Sequence[Any]) -> None:
+    async def _send(self, query: str, params: Sequence[Any]) -> None:
         for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
             try:
-                async with self._rt.connection() as conn:
+                async with self._lane.connection() as conn:
                     await conn.execute(query, params)
                 return
             except ConnectionFailedError as exc:
@@ -343,7 +345,7 @@ class Engine:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def _read(self, what: str, query: sql.SQL | sql.Composed, params: Sequence[Any]) -> Ready:
+    async def _read(self, what: str, query: str, params: Sequence[Any]) -> Ready:
         delay = 0.05
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _READ_RETRY_SECONDS

@@ -6,36 +6,40 @@ prepare it on each pooled connection after a few uses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 from psycopg import sql
 
 #: The plain publish: one NOTIFY, no table write, so its transaction writes no WAL.
-NOTIFY = sql.SQL("SELECT pg_notify(%s, %s)")
+NOTIFY = "SELECT pg_notify(%s, %s)"
 
 
-@dataclass(frozen=True)
 class Queries:
-    """Queries against ``message_log`` in one schema."""
+    """Queries against ``message_log`` in one schema, each rendered to text once."""
 
-    log: sql.Identifier
+    def __init__(self, log: sql.Identifier) -> None:
+        self.log = log
 
-    @property
-    def insert_and_notify(self) -> sql.Composed:
+    @cached_property
+    def insert_and_notify(self) -> str:
         """Log an envelope and NOTIFY it (inline when it fits, else as a ``{"p": id}`` pointer).
 
         Params: channel, durable, envelope, inline. One statement, so one transaction:
         the NOTIFY is sent if and only if the row is committed.
         """
-        return sql.SQL(
-            "WITH r AS (INSERT INTO {log} (channel, xid, durable, envelope)"
-            " VALUES (%s, pg_current_xact_id()::text::bigint, %s, %s) RETURNING id, channel, envelope)"
-            " SELECT pg_notify(r.channel, CASE WHEN %s THEN r.envelope"
-            " ELSE '{{\"p\":' || r.id || '}}' END) FROM r"
-        ).format(log=self.log)
+        return (
+            sql.SQL(
+                "WITH r AS (INSERT INTO {log} (channel, xid, durable, envelope)"
+                " VALUES (%s, pg_current_xact_id()::text::bigint, %s, %s) RETURNING id, channel, envelope)"
+                " SELECT pg_notify(r.channel, CASE WHEN %s THEN r.envelope"
+                " ELSE '{{\"p\":' || r.id || '}}' END) FROM r"
+            )
+            .format(log=self.log)
+            .as_string()
+        )
 
-    @property
-    def insert_in_transaction(self) -> sql.Composed:
+    @cached_property
+    def insert_in_transaction(self) -> str:
         """Log an envelope in the caller's transaction and NOTIFY the app's wake channel.
 
         Params: channel, durable, envelope, wake channel. The wake payload is the transaction's
@@ -43,58 +47,78 @@ class Queries:
         notifications of one transaction into one: a transaction NOTIFYs once however many
         messages it publishes.
         """
-        return sql.SQL(
-            "WITH r AS (INSERT INTO {log} (channel, xid, durable, envelope)"
-            " VALUES (%s, pg_current_xact_id()::text::bigint, %s, %s) RETURNING xid)"
-            " SELECT pg_notify(%s, r.xid::text) FROM r"
-        ).format(log=self.log)
+        return (
+            sql.SQL(
+                "WITH r AS (INSERT INTO {log} (channel, xid, durable, envelope)"
+                " VALUES (%s, pg_current_xact_id()::text::bigint, %s, %s) RETURNING xid)"
+                " SELECT pg_notify(%s, r.xid::text) FROM r"
+            )
+            .format(log=self.log)
+            .as_string()
+        )
 
-    @property
-    def by_id(self) -> sql.Composed:
+    @cached_property
+    def by_id(self) -> str:
         """A spilled envelope. Params: id."""
-        return sql.SQL("SELECT channel, envelope FROM {log} WHERE id = %s").format(log=self.log)
+        return (
+            sql.SQL("SELECT channel, envelope FROM {log} WHERE id = %s")
+            .format(log=self.log)
+            .as_string()
+        )
 
-    @property
-    def by_xid(self) -> sql.Composed:
+    @cached_property
+    def by_xid(self) -> str:
         """One committed transaction's messages on the given channels, in publish order.
 
         Params: xid, channels (text[]).
         """
-        return sql.SQL(
-            "SELECT channel, envelope FROM {log} WHERE xid = %s AND channel = ANY(%s) ORDER BY id"
-        ).format(log=self.log)
+        return (
+            sql.SQL(
+                "SELECT channel, envelope FROM {log} WHERE xid = %s AND channel = ANY(%s) ORDER BY id"
+            )
+            .format(log=self.log)
+            .as_string()
+        )
 
-    @property
-    def catch_up(self) -> sql.Composed:
+    @cached_property
+    def catch_up(self) -> str:
         """Sync messages of the given channels that a reconnecting listener may have missed.
 
         Params: channels (text[]), snapshots (text[], the ``pg_current_snapshot()`` taken when
         each channel's LISTEN became active), window (seconds). Rows visible in a channel's
         snapshot committed before this instance listened: not for it.
         """
-        return sql.SQL(
-            "SELECT l.channel, l.envelope FROM {log} AS l"
-            " JOIN unnest(%s::text[], %s::text[]) AS s(channel, snap) ON l.channel = s.channel"
-            " WHERE l.durable AND l.created_at > now() - make_interval(secs => %s)"
-            " AND NOT pg_visible_in_snapshot(l.xid::text::xid8, s.snap::pg_snapshot)"
-            " ORDER BY l.id"
-        ).format(log=self.log)
+        return (
+            sql.SQL(
+                "SELECT l.channel, l.envelope FROM {log} AS l"
+                " JOIN unnest(%s::text[], %s::text[]) AS s(channel, snap) ON l.channel = s.channel"
+                " WHERE l.durable AND l.created_at > now() - make_interval(secs => %s)"
+                " AND NOT pg_visible_in_snapshot(l.xid::text::xid8, s.snap::pg_snapshot)"
+                " ORDER BY l.id"
+            )
+            .format(log=self.log)
+            .as_string()
+        )
 
-    @property
-    def sweep(self) -> sql.Composed:
+    @cached_property
+    def sweep(self) -> str:
         """Delete up to a batch of expired rows, if no other instance is sweeping right now.
 
         Params: advisory key, durable retention (s), spill retention (s), batch size. Run it in
         a transaction: the try-lock is transaction-scoped.
         """
-        return sql.SQL(
-            "WITH gate AS (SELECT pg_try_advisory_xact_lock(%s) AS ok),"
-            " doomed AS (SELECT id FROM {log} WHERE (SELECT ok FROM gate) AND ("
-            " (durable AND created_at < now() - make_interval(secs => %s))"
-            " OR (NOT durable AND created_at < now() - make_interval(secs => %s)))"
-            " LIMIT %s)"
-            " DELETE FROM {log} WHERE id IN (SELECT id FROM doomed)"
-        ).format(log=self.log)
+        return (
+            sql.SQL(
+                "WITH gate AS (SELECT pg_try_advisory_xact_lock(%s) AS ok),"
+                " doomed AS (SELECT id FROM {log} WHERE (SELECT ok FROM gate) AND ("
+                " (durable AND created_at < now() - make_interval(secs => %s))"
+                " OR (NOT durable AND created_at < now() - make_interval(secs => %s)))"
+                " LIMIT %s)"
+                " DELETE FROM {log} WHERE id IN (SELECT id FROM doomed)"
+            )
+            .format(log=self.log)
+            .as_string()
+        )
 
 
-SNAPSHOT = sql.SQL("SELECT pg_current_snapshot()::text")
+SNAPSHOT = "SELECT pg_current_snapshot()::text"
