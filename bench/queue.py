@@ -13,7 +13,8 @@ All systems run in this one process against the same server, each in a fresh dat
 6. Churn: drain rate at the start vs after QUEUE_BENCH_CHURN jobs (default 600,000) went
    through the same table.
 
-Environment knobs: QUEUE_BENCH_DRAIN (20000), QUEUE_BENCH_CHURN (600000),
+Environment knobs: QUEUE_BENCH_DRAIN (20000), QUEUE_BENCH_CHURN (600000), QUEUE_BENCH_GAP
+(queue_notify_gap for the producer processes),
 QUEUE_BENCH_PEERS=0 to skip the peers.
 """
 

@@ -94,8 +94,8 @@ class Outcomes:
         self._task = None
 
     async def drain(self) -> None:
-        """Return once every outcome buffered so far is written."""
-        while self.pending() or not self._idle.is_set():
+        """Return once every outcome buffered so far is written (at once when not started)."""
+        while self._task is not None and (self.pending() or not self._idle.is_set()):
             self._kick()
             await self._idle.wait()
 

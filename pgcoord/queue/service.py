@@ -186,7 +186,8 @@ class EventQueue(Service):
         jobs = await self._deactivate(worker)
         if jobs:
             self._outcomes.release(jobs)
-        await self._outcomes.drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._outcomes.drain(), max(self._rt.connect_timeout, 1.0))
         if jobs:
             async with self._rt.connection() as conn:
                 await conn.execute(self._q.notify, (worker.pg_channel,))

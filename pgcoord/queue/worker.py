@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from pgcoord import codec
@@ -28,6 +31,8 @@ log = logging.getLogger("pgcoord.queue")
 
 _ERROR_BACKOFF_FIRST = 0.05
 _ERROR_BACKOFF_MAX = 2.0
+#: Threads for sync handlers of a subscription with unlimited concurrency.
+_UNLIMITED_THREADS = 64
 
 
 class RunningJob:
@@ -58,6 +63,7 @@ class Worker:
         self.slot = asyncio.Event()
         self.closing = False
         self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -95,6 +101,10 @@ class Worker:
         pending = [job.task for job in leftover if job.task is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._executor is not None:
+            # Threads still running a cancelled sync handler finish on their own.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
         return [(job.id, job.attempt) for job in leftover]
 
     # -- claiming --------------------------------------------------------------------------
@@ -118,6 +128,8 @@ class Worker:
                     log.exception("pgcoord queue %r: idle() raised; not claiming", self.channel)
                     may_claim = False
                 if not may_claim:
+                    # Ask again after `interval`, or sooner when a running job finishes.
+                    self.slot.clear()
                     await self._sleep(self.slot, interval)
                     continue
             free = self._free()
@@ -157,8 +169,27 @@ class Worker:
 
     def _launch(self, row: tuple[Any, ...]) -> None:
         job = RunningJob(row[0], row[1])
+        stale = self.running.get(job.id)
+        if stale is not None:
+            # Our own earlier try of this job outlived its lease (the process was frozen) and
+            # we claimed it again: the new try owns it, the old one must stop.
+            stale.lost = True
+            stale.signal.set("lost")
+            if stale.task is not None:
+                stale.task.cancel()
         self.running[job.id] = job
         job.task = asyncio.create_task(self._run(job, row))
+
+    def _in_thread(self, message: Any, ctx: JobContext) -> asyncio.Future[Any]:
+        # A pool per subscription sized to its concurrency: the loop's default executor has
+        # only min(32, cores + 4) threads, which would cap sync handlers below `concurrency`.
+        if self._executor is None:
+            limit = self.opts.concurrency or _UNLIMITED_THREADS
+            self._executor = ThreadPoolExecutor(
+                max_workers=limit, thread_name_prefix=f"pgcoord-queue-{self.channel[:20]}"
+            )
+        call = functools.partial(contextvars.copy_context().run, self.opts.process, message, ctx)
+        return asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _on_timeout(self, job: RunningJob) -> None:
         job.timed_out = True
@@ -184,7 +215,7 @@ class Worker:
             if self.opts.is_async:
                 await self.opts.process(message, ctx)
             else:
-                result = await asyncio.to_thread(self.opts.process, message, ctx)
+                result = await self._in_thread(message, ctx)
                 if asyncio.iscoroutine(result):
                     await result
         except asyncio.CancelledError as exc:
@@ -194,7 +225,8 @@ class Worker:
             error = exc
         finally:
             timer.cancel()
-            del self.running[job.id]
+            if self.running.get(job.id) is job:
+                del self.running[job.id]
             self.slot.set()
         if job.stopping or job.lost:
             return  # released by stop(), or owned by another worker now

@@ -6,6 +6,7 @@ Timing is only ever waited for (generously), never asserted as a speed.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -148,19 +149,39 @@ async def test_unlimited_concurrency_runs_everything_at_once(make_coord: CoordFa
 
 async def test_idle_false_pauses_claiming(make_coord: CoordFactory) -> None:
     coord = await make_coord()
-    busy = True
+    busy = False
     ran: list[Any] = []
 
     async def process(message: Any, ctx: pgcoord.JobContext) -> None:
         ran.append(message)
 
     await coord.event_queue.subscribe("idle", process=process, idle=lambda: not busy, interval=0.05)
-    await coord.event_queue.publish("idle", "x")
+    await coord.event_queue.publish("idle", "first")
+    await _until(lambda: ran == ["first"])
+    busy = True  # the app is busy now: this instance must not claim
+    await coord.event_queue.publish("idle", "second")
     await asyncio.sleep(0.5)
-    assert ran == []
+    assert ran == ["first"]
     assert (await coord.event_queue.stats("idle"))["ready"] == 1
     busy = False
-    await _until(lambda: ran == ["x"])
+    await _until(lambda: ran == ["first", "second"])
+
+
+async def test_sync_handlers_run_in_threads_up_to_concurrency(make_coord: CoordFactory) -> None:
+    coord = await make_coord()
+    # Ten sync handlers that can only finish together: more than the default executor's
+    # threads on a small machine, and none may block the event loop.
+    barrier = threading.Barrier(10, timeout=20)
+    finished: list[int] = []
+
+    def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        barrier.wait()
+        finished.append(message)
+
+    await coord.event_queue.subscribe("sync", process=process, concurrency=10, interval=0.05)
+    await coord.event_queue.publish_many("sync", list(range(10)))
+    await _until(lambda: len(finished) == 10, timeout=30)
+    assert sorted(finished) == list(range(10))
 
 
 async def test_priority_then_age_and_delay_order(make_coord: CoordFactory) -> None:
@@ -357,3 +378,69 @@ async def test_unsubscribe_stops_consuming(make_coord: CoordFactory) -> None:
     await asyncio.sleep(0.4)
     assert got == [1]
     assert (await coord.event_queue.stats("un"))["ready"] == 1
+
+
+async def test_publish_many_keeps_order_and_options_reach_ctx(make_coord: CoordFactory) -> None:
+    coord = await make_coord()
+    eq = coord.event_queue
+    ids = await eq.publish_many("many", list(range(3000)), timeout=7.5, max_retries=2, priority=3)
+    assert len(ids) == 3000 and ids == sorted(ids) and len(set(ids)) == 3000
+    assert await eq.publish_many("many", []) == []
+    seen: dict[int, Any] = {}
+    options: list[dict[str, Any]] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        seen[ctx.id] = message
+        if not options:
+            options.append(ctx.options)
+
+    await eq.subscribe("many", process=process, concurrency=50)
+    await _until(lambda: len(seen) == 3000)
+    assert [seen[i] for i in ids] == list(range(3000))
+    assert options == [{"timeout": 7.5, "max_retries": 2, "priority": 3}]
+
+
+async def test_channels_and_apps_do_not_meet(make_coord: CoordFactory) -> None:
+    shop = await make_coord(app="shop")
+    blog = await make_coord(app="blog")
+    got: list[tuple[str, Any]] = []
+
+    def handler(tag: str) -> Any:
+        async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+            got.append((tag, message))
+
+        return process
+
+    await shop.event_queue.subscribe("a", process=handler("shop/a"), interval=0.05)
+    await shop.event_queue.subscribe("b", process=handler("shop/b"), interval=0.05)
+    await blog.event_queue.subscribe("a", process=handler("blog/a"), interval=0.05)
+    await shop.event_queue.publish("a", 1)
+    await blog.event_queue.publish("a", 2)
+    await shop.event_queue.publish("b", 3)
+    await _until(lambda: len(got) == 3)
+    await asyncio.sleep(0.3)
+    assert sorted(got) == [("blog/a", 2), ("shop/a", 1), ("shop/b", 3)]
+
+
+async def test_workers_vacuum_the_jobs_table_under_churn(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord(queue_vacuum_every=100)
+    done = 0
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        nonlocal done
+        done += 1
+
+    await coord.event_queue.subscribe("churn", process=process, concurrency=0)
+    await coord.event_queue.publish_many("churn", list(range(500)))
+    await _until(lambda: done == 500)
+    await coord.event_queue.flush()
+    deadline = time.monotonic() + 20
+    query = (
+        "SELECT coalesce(vacuum_count, 0) FROM pg_stat_user_tables "
+        "WHERE schemaname = 'pgcoord' AND relname = 'queue_jobs'"
+    )
+    while _rows(dsn, query) != [] and _rows(dsn, query)[0][0] == 0:
+        assert time.monotonic() < deadline, "the workers never vacuumed the jobs table"
+        await asyncio.sleep(0.2)
