@@ -220,3 +220,15 @@ async def test_an_envelope_for_another_channel_is_dropped(
     assert await inbox.wait_for(1) == ["ok"]
     await settle()
     assert inbox.messages == ["ok"]
+
+
+async def test_a_publisher_gives_its_connection_back_when_idle(coord: pgcoord.Coordinator) -> None:
+    for n in range(50):
+        await coord.pubsub_manager.publish("ch", n)
+
+    def checked_out() -> int:
+        stats = coord.pool.get_stats()
+        return int(stats.get("pool_size", 0)) - int(stats.get("pool_available", 0))
+
+    # Back-to-back publishes keep one connection; it returns to the pool once they stop.
+    await until(lambda: checked_out() == 0)
