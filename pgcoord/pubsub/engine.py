@@ -50,8 +50,7 @@ log = logging.getLogger("pgcoord.pubsub")
 Ready: TypeAlias = list[tuple[str, wire.Envelope]]
 Item: TypeAlias = Ready | asyncio.Task[Ready]
 
-# A publish that meets a pooled connection killed by a server restart gets a fresh one; more
-# than this many dead connections in a row means the server really is unreachable.
+# A publish that meets a pooled connection killed by a server restart tries the next one.
 _PUBLISH_ATTEMPTS = 3
 # Reads for the pipeline retry for about this long (a restarting server) before giving up.
 _READ_RETRY_SECONDS = 30.0
@@ -249,7 +248,10 @@ class Engine:
             await self._send(self._q.insert_and_notify, (pg, durable, envelope, inline))
 
     async def _send(self, query: str, params: Sequence[Any]) -> None:
-        for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
+        # Every pooled connection may have been killed by one server restart: allow one
+        # attempt per connection the pool can hold, plus a fresh one.
+        attempts = max(_PUBLISH_ATTEMPTS, self._rt.pool.max_size + 1)
+        for attempt in range(1, attempts + 1):
             try:
                 async with self._lane.connection() as conn:
                     await conn.execute(query, params)
@@ -259,7 +261,7 @@ class Engine:
                 # restart killed before we used it (the pool drops it now), so try a fresh one.
                 # Not a pool timeout: the server is unreachable and waiting again would only
                 # multiply the caller's wait. A sync message sent twice is delivered once.
-                if attempt == _PUBLISH_ATTEMPTS or not isinstance(exc.__cause__, psycopg.Error):
+                if attempt == attempts or not isinstance(exc.__cause__, psycopg.Error):
                     raise
 
     # -- receiving -------------------------------------------------------------------------
