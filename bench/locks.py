@@ -93,14 +93,16 @@ async def _contended(ctx: BenchContext, dsn: str, mode: str) -> float:
             repr(seconds),
             cwd=Path(__file__).resolve().parent.parent,
             stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         for _ in range(PROCESSES)
     ]
     total = 0
     for proc in procs:
-        out, _ = await proc.communicate()
+        out, err = await proc.communicate()
         if proc.returncode != 0:
-            raise RuntimeError(f"bench child {mode} failed ({proc.returncode})")
+            tail = err.decode(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"bench child {mode} failed ({proc.returncode}): {tail}")
         total += json.loads(out.decode().strip().splitlines()[-1])["count"]
     return total / seconds
 

@@ -44,14 +44,6 @@ class _State(enum.Enum):
     LOST = "lost"
 
 
-async def call(fn: Callable[[], Any]) -> Any:
-    """Call ``fn()``; await the result when it is awaitable (sync and async callbacks)."""
-    result = fn()
-    if inspect.isawaitable(result):
-        result = await result
-    return result
-
-
 class Lock:
     """A lock this instance holds (from ``LockManager.acquire``/``try_acquire``/``lock``).
 
@@ -318,8 +310,14 @@ class Lock:
             if self.lost:
                 self._lose("its ttl passed before run_exclusive")
                 raise LockLostError(f"the lock {self._key!r} (token {self._token}) was lost")
+        return await self._run(fn)
+
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (already validated) while held, then release; see :meth:`run_exclusive`."""
         try:
-            result = await call(fn)
+            result = fn()
+            if inspect.isawaitable(result):
+                result = await result
         except BaseException:
             await self.release()
             raise

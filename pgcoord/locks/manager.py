@@ -168,8 +168,8 @@ class LockManager(Service):
         while it ran.
         """
         check_callable(fn, "fn")
-        lock = await self.acquire(key, ttl)
-        return await lock.run_exclusive(fn)
+        lock = await self._acquire(key, ttl, None)
+        return await lock._run(fn)
 
     async def _acquire(self, key: object, ttl: object, timeout: float | None) -> Lock:
         name = check_key(key)
@@ -215,21 +215,29 @@ class LockManager(Service):
                     f"the lock {name!r} was not acquired in time: all {connections.max_size} "
                     "lock connections of this process are in use (raise lock_max_connections)"
                 )
-            remaining = None if deadline is None else deadline - loop.time()
-            # The holder row is written only when this session last served another key or lease.
             ttl_ms = lease.server_ttl_ms(ttl)
-            register = lconn.registered != (advisory_key, ttl_ms)
-            params = (
-                advisory_key,
-                lease.server_wait_ms(remaining),
-                ttl_ms,
-                name if register else None,
-            )
+            # The holder row is written only when this session last served another key or lease.
+            registered = lconn.registered == (advisory_key, ttl_ms)
+            query: str
+            params: tuple[object, ...]
+            if registered and deadline is None:
+                # The common case (re-taking a key, waiting as long as it takes): one plain
+                # statement, cheaper than the lock_acquire function.
+                query, params = self._queries.acquire_fast, (advisory_key, str(ttl_ms))
+            else:
+                remaining = None if deadline is None else deadline - loop.time()
+                wait_ms = lease.server_wait_ms(remaining)
+                query = self._queries.acquire
+                params = (advisory_key, wait_ms, ttl_ms, None if registered else name)
             self._waiting.add(lconn)
             sent_at = lease.now()
             try:
-                cur = await lconn.conn.execute(self._queries.acquire, params)
+                cur = await lconn.conn.execute(query, params)
                 row = await cur.fetchone()
+                if row is not None and row[0] is None and query is self._queries.acquire_fast:
+                    # Held, but no live epoch (a crash recovery emptied it): start a new one.
+                    cur = await lconn.conn.execute(self._queries.new_epoch_token)
+                    row = await cur.fetchone()
             except psycopg.errors.LockNotAvailable:
                 self._not_waiting(lconn)
                 connections.put(lconn)  # lock_timeout: the session is fine and holds nothing

@@ -469,3 +469,21 @@ def test_blocking_api(dsn: str) -> None:
             conn.rollback()
         again = b.lock_manager.try_acquire("k")
         again.release()
+
+
+async def test_a_lost_live_epoch_starts_a_new_epoch(make_coord: CoordFactory, dsn: str) -> None:
+    # What crash recovery does to the UNLOGGED token state, without a crash: the live epoch
+    # row vanishes and the sequence starts again at 1. Both acquisition paths must cope: the
+    # plain statement used when re-taking a key, and the function used otherwise.
+    a = await make_coord(app=APP)
+    tokens = []
+    for key in ("k", "k", "other", "other"):
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("DELETE FROM pgcoord.lock_epoch_live")
+            await conn.execute("ALTER SEQUENCE pgcoord.lock_token_seq RESTART")
+        lock = await a.lock_manager.acquire(key)
+        tokens.append(lock.token)
+        await lock.release()
+    epochs = [lease.split_token(t)[0] for t in tokens]
+    assert epochs == sorted(epochs) and len(set(epochs)) == 4
+    assert tokens == sorted(tokens)
