@@ -112,3 +112,20 @@ async def test_the_message_log_is_swept_after_its_retention(
     await keeper.pubsub_manager.publish("p", "x" * 10_000)
     assert await keeper.pubsub_manager.sweep() == 0
     assert log_rows(dsn) == 2
+
+
+async def test_only_one_instance_sweeps_at_a_time(make_coord: CoordFactory, dsn: str) -> None:
+    # Long retention for the background sweepers; the explicit sweeps below use a short one.
+    coord = await make_coord(sync_log_retention=3600.0, pubsub_spill_retention=3600.0)
+    await coord.sync_message_manager.publish("s", "old")
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE pgcoord.message_log SET created_at = now() - interval '2 hours'")
+        conn.commit()
+        # Another instance is sweeping: it holds the sweep lock in its transaction.
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(%s)", (coord._rt.advisory_key("pubsub", "sweep"),)
+        )
+        assert await coord.pubsub_manager.sweep() == 0
+        conn.rollback()
+    assert await coord.pubsub_manager.sweep() == 1
+    assert log_rows(dsn) == 0
