@@ -47,7 +47,7 @@ _SETUP = (
 class LockConnection:
     """One dedicated connection, with the event-loop watch on its socket."""
 
-    __slots__ = ("_fd", "conn", "idle_since", "registered")
+    __slots__ = ("_fd", "conn", "epoch", "idle_since", "registered")
 
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self.conn = conn
@@ -55,6 +55,10 @@ class LockConnection:
         #: The (advisory key, lease ms) this session's ``lock_holders`` row currently says, or
         #: None when the row must be (re)written at the next acquisition.
         self.registered: tuple[int, int] | None = None
+        #: The token epoch this session saw (None until its first acquisition). It stays valid
+        #: for the session's life: only crash recovery resets the token sequence, and a crash
+        #: ends every session.
+        self.epoch: int | None = None
         self._fd: int | None = None
 
     @property
@@ -157,11 +161,9 @@ class LockConnections:
             if self._closed:
                 raise NotRunningError("the pgcoord Coordinator is stopping or stopped")
             if self._idle:
-                lconn = self._idle.pop()
-                if lconn.healthy:
-                    return lconn
-                self.discard(lconn)
-                continue
+                # Only healthy connections are put back; one that died idle since then fails
+                # at its next statement, and the acquisition retries on a fresh connection.
+                return self._idle.pop()
             if self._size < self._max_size:
                 self._size += 1
                 return await self._open_slot()

@@ -45,6 +45,8 @@ def now() -> float:
 
 def check_ttl(ttl: object, what: str = "ttl") -> float | None:
     """Validate a lease: ``None`` or ``inf`` mean no lease; otherwise 0 < ttl <= :data:`MAX_TTL`."""
+    if ttl.__class__ is float and 0.0 < ttl <= MAX_TTL:
+        return ttl  # the common case, checked in one step
     if ttl is None:
         return None
     seconds = check_positive(ttl, what)

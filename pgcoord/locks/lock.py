@@ -64,11 +64,11 @@ class Lock:
         "_busy",
         "_deadline",
         "_gate",
+        "_idle",
         "_key",
         "_lconn",
         "_loop",
         "_manager",
-        "_op",
         "_state",
         "_timer",
         "_token",
@@ -99,8 +99,8 @@ class Lock:
         self._deadline = lease.local_deadline(sent_at, ttl)
         self._acquired = lease.now()
         self._state = _State.HELD
-        self._busy = False
-        self._op: asyncio.Lock | None = None
+        self._busy = False  # a release/extend statement is in flight
+        self._idle: asyncio.Event | None = None  # set when it ends, if another task waits
         self._timer: asyncio.TimerHandle | None = None
         self._arm()
 
@@ -208,10 +208,20 @@ class Lock:
         """Called by the manager when the Coordinator stops: the lock ends with it."""
         self._lose("the Coordinator stopped", logging.INFO)
 
-    def _operation(self) -> asyncio.Lock:
-        if self._op is None:
-            self._op = asyncio.Lock()
-        return self._op
+    async def _begin(self) -> None:
+        """Start an operation: one statement at a time on the lock's session."""
+        while self._busy:  # another task of this process is releasing/extending this lock
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            await self._idle.wait()
+        self._busy = True
+        self._disarm()
+
+    def _end(self) -> None:
+        self._busy = False
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.set()
 
     # -- operations ------------------------------------------------------------------------
 
@@ -223,7 +233,8 @@ class Lock:
         """
         if self._state is not _State.HELD:
             return
-        async with self._operation():
+        await self._begin()
+        try:
             if not self._holding():  # another task released it while this one waited
                 return
             if self._expired():
@@ -231,23 +242,21 @@ class Lock:
                 return
             lconn = self._lconn
             assert lconn is not None
-            self._busy = True
-            self._disarm()
             try:
                 cur = await lconn.conn.execute(self._manager._queries.release, (self.advisory_key,))
                 row = await cur.fetchone()
             except BaseException as exc:
-                self._busy = False
                 self._lose(f"release failed ({exc!r})")
                 if isinstance(exc, psycopg.Error):
                     return  # the session is gone, and the lock with it: nothing left to release
                 raise
-            self._busy = False
             if not row or not row[0]:
                 self._lose("the session no longer held it")
                 return
             self._state = _State.RELEASED
             self._finish(reuse=True)
+        finally:
+            self._end()
 
     async def extend(self, ttl: float | _Same | None = SAME) -> None:
         """Restart the lease with ``ttl`` seconds (default: the current length) from now.
@@ -257,7 +266,8 @@ class Lock:
         """
         new_ttl = self._ttl if ttl is SAME else lease.check_ttl(ttl)
         self._manager._check_running()
-        async with self._operation():
+        await self._begin()
+        try:
             if self._state is _State.RELEASED:
                 raise LockError(f"the lock {self._key!r} was released; acquire it again")
             if self._state is _State.LOST or self._expired():
@@ -268,8 +278,6 @@ class Lock:
                 )
             lconn = self._lconn
             assert lconn is not None
-            self._busy = True
-            self._disarm()
             sent_at = lease.now()
             # The holder row now differs from what the next acquisition on this session expects.
             lconn.registered = None
@@ -279,7 +287,6 @@ class Lock:
                     (lease.server_ttl_ms(new_ttl), sent_at - self._acquired),
                 )
             except BaseException as exc:
-                self._busy = False
                 self._lose(f"extend failed ({exc!r})")
                 if isinstance(exc, psycopg.Error):
                     raise LockLostError(
@@ -287,11 +294,13 @@ class Lock:
                         f"ended before the extend reached the server ({exc})"
                     ) from exc
                 raise
-            self._busy = False
             # The server restarted its idle timer when it ran the statement, after sent_at.
             self._ttl = new_ttl
             self._deadline = lease.local_deadline(sent_at, new_ttl)
-            self._arm()
+        finally:
+            self._end()
+            if self._state is _State.HELD:
+                self._arm()
 
     async def run_exclusive(self, fn: Callable[[], Any], ttl: float | _Same | None = SAME) -> Any:
         """Run ``fn()`` (sync or async, no arguments) under this lock, release it, return the result.

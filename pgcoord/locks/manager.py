@@ -218,13 +218,15 @@ class LockManager(Service):
             ttl_ms = lease.server_ttl_ms(ttl)
             # The holder row is written only when this session last served another key or lease.
             registered = lconn.registered == (advisory_key, ttl_ms)
+            epoch = lconn.epoch
             query: str
             params: tuple[object, ...]
-            if registered and deadline is None:
+            if registered and epoch is not None and deadline is None:
                 # The common case (re-taking a key, waiting as long as it takes): one plain
                 # statement, cheaper than the lock_acquire function.
                 query, params = self._queries.acquire_fast, (advisory_key, str(ttl_ms))
             else:
+                epoch = None
                 remaining = None if deadline is None else deadline - loop.time()
                 wait_ms = lease.server_wait_ms(remaining)
                 query = self._queries.acquire
@@ -234,10 +236,6 @@ class LockManager(Service):
             try:
                 cur = await lconn.conn.execute(query, params)
                 row = await cur.fetchone()
-                if row is not None and row[0] is None and query is self._queries.acquire_fast:
-                    # Held, but no live epoch (a crash recovery emptied it): start a new one.
-                    cur = await lconn.conn.execute(self._queries.new_epoch_token)
-                    row = await cur.fetchone()
             except psycopg.errors.LockNotAvailable:
                 self._not_waiting(lconn)
                 connections.put(lconn)  # lock_timeout: the session is fine and holds nothing
@@ -261,11 +259,14 @@ class LockManager(Service):
                 raise
             self._not_waiting(lconn)
             token = row[0] if row else None
+            if token is not None and epoch is not None:
+                token += epoch << lease.TOKEN_EPOCH_SHIFT
             if token is None:
                 if row is not None:
                     connections.put(lconn)
                 raise LockAcquireError(f"the lock {name!r} is held by another holder")
             lconn.registered = (advisory_key, ttl_ms)
+            lconn.epoch = token >> lease.TOKEN_EPOCH_SHIFT
             lock = Lock(self, name, advisory_key, gate, lconn, int(token), ttl, sent_at)
             self._held.add(lock)
             return lock

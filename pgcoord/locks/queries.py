@@ -6,21 +6,17 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from pgcoord.locks.lease import TOKEN_EPOCH_SHIFT
-
 # The hot acquisition as one plain statement (no function call): the lock and the lease in a
-# subquery that cannot be flattened (OFFSET 0; its volatile outputs are never pruned), the token
-# in the outer projection, which only runs on the row the subquery produced, i.e. once the lock
-# is granted. NULL when the live epoch is missing (see new_epoch_token).
+# subquery that cannot be flattened (OFFSET 0; its volatile outputs are never pruned), the
+# sequence value in the outer projection, which only runs on the row the subquery produced, i.e.
+# once the lock is granted. The epoch part of the token is the one this session saw at its first
+# acquisition: valid for the session's whole life, because only crash recovery resets the
+# sequence, and a crash ends every session.
 _ACQUIRE_FAST = """
-SELECT CASE WHEN g.armed IS NOT NULL THEN
-    (SELECT e.epoch FROM {live} e WHERE e.id = 1) * {factor} + nextval({seq})
-END
+SELECT nextval({seq}), g.armed
 FROM (SELECT pg_advisory_lock(%s), set_config('idle_session_timeout', %s, false) AS armed
       OFFSET 0) g
 """
-
-_NEW_EPOCH_TOKEN = "SELECT {new_epoch}() * {factor} + nextval({seq})"
 
 # Unlock and disarm the lease, in one round trip. The holder row is
 # left behind on purpose (the connection's next acquisition reuses or rewrites it): holders()
@@ -58,7 +54,6 @@ class LockQueries:
 
     acquire: str
     acquire_fast: str
-    new_epoch_token: str
     extend: str
     release: str
     holders: str
@@ -73,22 +68,13 @@ class LockQueries:
             return query.as_string(None)
 
         holders = sql.Identifier(schema, "lock_holders")
-        token_parts = {
-            "factor": sql.Literal(1 << TOKEN_EPOCH_SHIFT),
-            "seq": sql.Literal(sql.Identifier(schema, "lock_token_seq").as_string(None)),
-        }
         return cls(
             acquire=render(
                 sql.SQL("SELECT {}(%s, %s, %s, %s)").format(sql.Identifier(schema, "lock_acquire"))
             ),
             acquire_fast=render(
                 sql.SQL(_ACQUIRE_FAST).format(
-                    live=sql.Identifier(schema, "lock_epoch_live"), **token_parts
-                )
-            ),
-            new_epoch_token=render(
-                sql.SQL(_NEW_EPOCH_TOKEN).format(
-                    new_epoch=sql.Identifier(schema, "lock_new_epoch"), **token_parts
+                    seq=sql.Literal(sql.Identifier(schema, "lock_token_seq").as_string(None))
                 )
             ),
             extend=render(
