@@ -415,7 +415,14 @@ class Engine:
     async def sweep(self) -> int:
         """Delete expired log rows (skipped if another instance is sweeping); returns the count."""
         total = 0
-        params = (self._sweep_key, self.sync_retention, self.spill_retention, _SWEEP_BATCH)
+        shortest = min(self.sync_retention, self.spill_retention)
+        params = (
+            self._sweep_key,
+            shortest,
+            self.sync_retention,
+            self.spill_retention,
+            _SWEEP_BATCH,
+        )
         while True:
             async with self._rt.connection() as conn:
                 cur = await conn.execute(self._q.sweep, params)

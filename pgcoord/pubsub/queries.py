@@ -104,17 +104,19 @@ class Queries:
     def sweep(self) -> str:
         """Delete up to a batch of expired rows, if no other instance is sweeping right now.
 
-        Params: advisory key, durable retention (s), spill retention (s), batch size. Run it in
-        a transaction: the try-lock is transaction-scoped.
+        Params: advisory key, the shorter retention (s), durable retention (s), spill retention
+        (s), batch size. One statement is one transaction, which holds the try-lock. The first
+        ``created_at`` bound lets the scan use the ``created_at`` index.
         """
         return (
             sql.SQL(
                 "WITH gate AS (SELECT pg_try_advisory_xact_lock(%s) AS ok),"
-                " doomed AS (SELECT id FROM {log} WHERE (SELECT ok FROM gate) AND ("
+                " doomed AS (SELECT id FROM {log} WHERE (SELECT ok FROM gate)"
+                " AND created_at < now() - make_interval(secs => %s) AND ("
                 " (durable AND created_at < now() - make_interval(secs => %s))"
                 " OR (NOT durable AND created_at < now() - make_interval(secs => %s)))"
                 " LIMIT %s)"
-                " DELETE FROM {log} WHERE id IN (SELECT id FROM doomed)"
+                " DELETE FROM {log} WHERE id = ANY(ARRAY(SELECT id FROM doomed))"
             )
             .format(log=self.log)
             .as_string()
