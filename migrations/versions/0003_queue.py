@@ -1,4 +1,4 @@
-"""queue tables: the hot jobs table and the dead-letter table.
+"""queue tables: the hot jobs table, the dead letters, and the idle-worker registry.
 
 Revision ID: 0003_queue
 Revises: 0002_messages
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from pgcoord.schema import migration_schema
-from pgcoord.schema.queue import FAILED, JOBS, JOBS_STORAGE
+from pgcoord.schema.queue import FAILED, JOBS, JOBS_STORAGE, WAITERS
 
 revision = "0003_queue"
 down_revision = "0002_messages"
@@ -19,7 +19,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Create ``queue_jobs`` (with its claim index and autovacuum settings) and ``queue_failed``."""
+    """Create ``queue_jobs`` (claim index, autovacuum settings), ``queue_failed``, ``queue_waiters``."""
     schema = migration_schema()
     op.create_table(
         JOBS,
@@ -71,10 +71,21 @@ def upgrade() -> None:
     op.create_index(
         "queue_failed_app_channel", FAILED, ["app", "channel", "failed_at"], schema=schema
     )
+    op.create_table(
+        WAITERS,
+        sa.Column("app", sa.Text(collation="C"), nullable=False),
+        sa.Column("channel", sa.Text(collation="C"), nullable=False),
+        sa.Column("worker", sa.Text(collation="C"), nullable=False),
+        sa.Column("idle", sa.Boolean(), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("app", "channel", "worker"),
+        schema=schema,
+    )
 
 
 def downgrade() -> None:
-    """Drop both queue tables (their indexes go with them)."""
+    """Drop the queue tables (their indexes go with them)."""
     schema = migration_schema()
+    op.drop_table(WAITERS, schema=schema)
     op.drop_table(FAILED, schema=schema)
     op.drop_table(JOBS, schema=schema)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from pgcoord.schema.queue import FAILED, JOBS
+from pgcoord.schema.queue import FAILED, JOBS, WAITERS
 
 _JOB_COLUMNS = "id, attempt, retried, max_retries, timeout, priority, payload"
 
@@ -42,16 +42,26 @@ class Queries:
     retry_failed: sql.Composed
     purge_failed: sql.Composed
     counts: sql.Composed
+    waiter_set: sql.Composed
+    waiter_refresh: sql.Composed
+    waiter_delete: sql.Composed
 
 
 def build(schema: str) -> Queries:
     """Compose the queue's statements for tables in ``schema``."""
     jobs = sql.Identifier(schema, JOBS)
     failed = sql.Identifier(schema, FAILED)
+    waiters = sql.Identifier(schema, WAITERS)
 
     def q(text: str) -> sql.Composed:
-        return sql.SQL(text).format(jobs=jobs, failed=failed)
+        return sql.SQL(text).format(jobs=jobs, failed=failed, waiters=waiters)
 
+    # Is some worker of this queue possibly asleep, waiting for a NOTIFY? An uncorrelated
+    # subquery: evaluated once per statement, one primary-key range probe.
+    waiting = (
+        "EXISTS (SELECT 1 FROM {waiters} AS w WHERE w.app = %(app)s AND w.channel = %(channel)s "
+        "AND w.idle AND w.expires_at > now())"
+    )
     insert_one = (
         "INSERT INTO {jobs} (app, channel, priority, run_at, max_retries, timeout, payload) "
         "VALUES (%(app)s, %(channel)s, %(priority)s, now() + make_interval(secs => %(delay)s), "
@@ -62,8 +72,14 @@ def build(schema: str) -> Queries:
         "SELECT %(app)s, %(channel)s, %(priority)s, now() + make_interval(secs => %(delay)s), "
         "%(max_retries)s, %(timeout)s, p FROM unnest(%(payloads)s::text[]) AS p RETURNING id"
     )
-    # pg_notify sits in a CTE referenced once, so it runs once per statement however many rows.
-    with_notify = "WITH ins AS ({insert}), n AS (SELECT pg_notify(%(pg_channel)s, '')) SELECT ins.id FROM ins, n"
+    plain = "{insert}, " + waiting
+    # pg_notify sits in a CTE, so it runs at most once per statement however many rows, and
+    # only when a worker may be waiting (else the transaction takes no NOTIFY lock at all).
+    with_notify = (
+        "WITH ins AS ({insert}), w AS (SELECT " + waiting + " AS waiting), "
+        "n AS (SELECT pg_notify(%(pg_channel)s, '') FROM w WHERE w.waiting) "
+        "SELECT ins.id, w.waiting FROM ins CROSS JOIN w LEFT JOIN n ON true"
+    )
     # Claimable means run_at <= now(): new, delayed-and-due, retry-due, or lease expired (a
     # dead or frozen worker's job comes back through this very query; no sweeper needed).
     claim = (
@@ -76,10 +92,10 @@ def build(schema: str) -> Queries:
     )
     fenced = "unnest(%s::bigint[], %s::int[]) AS d(id, attempt)"
     return Queries(
-        publish=q(insert_one),
-        publish_notify=sql.SQL(with_notify).format(insert=q(insert_one)),
-        publish_many=q(insert_many),
-        publish_many_notify=sql.SQL(with_notify).format(insert=q(insert_many)),
+        publish=q(plain.replace("{insert}", insert_one)),
+        publish_notify=q(with_notify.replace("{insert}", insert_one)),
+        publish_many=q(plain.replace("{insert}", insert_many)),
+        publish_many_notify=q(with_notify.replace("{insert}", insert_many)),
         notify=sql.SQL("SELECT pg_notify(%s, '')"),
         claim=q(claim),
         complete=q(
@@ -149,4 +165,19 @@ def build(schema: str) -> Queries:
             "count(*) FILTER (WHERE run_at > now() AND worker IS NULL) "
             "FROM {jobs} WHERE app = %s AND channel = %s"
         ),
+        waiter_set=q(
+            f"WITH {_ASYNC_COMMIT} "
+            "INSERT INTO {waiters} (app, channel, worker, idle, expires_at) "
+            "SELECT %s, %s, %s, %s, now() + make_interval(secs => %s) FROM cfg "
+            "ON CONFLICT (app, channel, worker) DO UPDATE "
+            "SET idle = EXCLUDED.idle, expires_at = EXCLUDED.expires_at"
+        ),
+        waiter_refresh=q(
+            f"WITH {_ASYNC_COMMIT} "
+            "INSERT INTO {waiters} (app, channel, worker, idle, expires_at) "
+            "SELECT %s, c.channel, %s, c.idle, now() + make_interval(secs => %s) "
+            "FROM unnest(%s::text[], %s::bool[]) AS c(channel, idle), cfg "
+            "ON CONFLICT (app, channel, worker) DO UPDATE SET expires_at = EXCLUDED.expires_at"
+        ),
+        waiter_delete=q("DELETE FROM {waiters} WHERE app = %s AND channel = %s AND worker = %s"),
     )

@@ -143,6 +143,7 @@ class EventQueue(Service):
 
     async def _deactivate(self, worker: Worker) -> list[tuple[int, int]]:
         jobs = await worker.stop(self._grace)
+        await self._delete_waiter(worker.channel)
         with contextlib.suppress(PgcoordError):
             await self._rt.listener.unlisten(worker.pg_channel, worker.on_notify)
         return jobs
@@ -285,15 +286,17 @@ class EventQueue(Service):
                 cur = await conn.execute(plain, params)
                 rows = await cur.fetchall()
             # Committed: a NOTIFY sent from now on reveals these jobs to whoever it wakes.
-            self._request_notify(pg_channel, state, 0.0)
+            # None is needed when no worker of the queue may be asleep (all busy, or none).
+            if rows and rows[0][1]:
+                self._request_notify(pg_channel, state, 0.0)
             return [r[0] for r in rows]
-        now = time.monotonic()
-        if state.inside_transaction(now):
+        if state.inside_transaction(time.monotonic()):
             params["pg_channel"] = pg_channel
             rows = await txn.execute(transaction, with_notify, params)
         else:
             rows = await txn.execute(transaction, plain, params)
-            self._request_notify(pg_channel, state, self._txn_window)
+            if rows and rows[0][1]:
+                self._request_notify(pg_channel, state, self._txn_window)
         return [r[0] for r in rows]
 
     # -- wake-ups --------------------------------------------------------------------------
@@ -352,6 +355,36 @@ class EventQueue(Service):
             )
             return await cur.fetchall()
 
+    async def _set_waiter(self, channel: str, idle: bool) -> None:
+        async with self._rt.connection() as conn:
+            await conn.execute(
+                self._q.waiter_set,
+                (self._rt.app, channel, self._rt.instance_id, idle, self._lease),
+            )
+
+    async def _delete_waiter(self, channel: str) -> None:
+        with contextlib.suppress(PgcoordError):
+            async with self._rt.connection() as conn:
+                await conn.execute(
+                    self._q.waiter_delete, (self._rt.app, channel, self._rt.instance_id)
+                )
+
+    async def _refresh_waiters(self) -> None:
+        known = [w for w in self._workers.values() if w.idle_state is not None]
+        if not known:
+            return
+        async with self._rt.connection() as conn:
+            await conn.execute(
+                self._q.waiter_refresh,
+                (
+                    self._rt.app,
+                    self._rt.instance_id,
+                    self._lease,
+                    [w.channel for w in known],
+                    [bool(w.idle_state) for w in known],
+                ),
+            )
+
     async def _write(self, query: Any, params: Any) -> None:
         async with self._write_lock, self._rt.connection() as conn:
             await conn.execute(query, params)
@@ -388,6 +421,10 @@ class EventQueue(Service):
         every = self._lease / 3
         while True:
             await asyncio.sleep(every)
+            try:
+                await self._refresh_waiters()
+            except PgcoordError as exc:
+                log.warning("pgcoord queue: refreshing worker registrations failed (%s)", exc)
             held = [
                 (job.id, job.attempt, worker)
                 for worker in self._workers.values()

@@ -31,6 +31,8 @@ log = logging.getLogger("pgcoord.queue")
 
 _ERROR_BACKOFF_FIRST = 0.05
 _ERROR_BACKOFF_MAX = 2.0
+#: Full claim batches in a row after which a worker tells producers it needs no NOTIFYs.
+_BUSY_AFTER_FULL_CLAIMS = 3
 #: Threads for sync handlers of a subscription with unlimited concurrency.
 _UNLIMITED_THREADS = 64
 
@@ -64,6 +66,10 @@ class Worker:
         self.closing = False
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        #: What queue_waiters says about us: True may sleep (wants NOTIFYs), False busy
+        #: claiming back-to-back, None not registered (yet, or the write failed).
+        self.idle_state: bool | None = None
+        self._full_claims = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -74,7 +80,9 @@ class Worker:
     def start(self) -> None:
         """Start the claim loop."""
         self.closing = False
-        self._task = asyncio.create_task(self._loop(), name=f"pgcoord-queue-{self.channel}")
+        self.idle_state = None
+        self._full_claims = 0
+        self._task = asyncio.create_task(self._guarded(), name=f"pgcoord-queue-{self.channel}")
 
     async def stop(self, grace: float) -> list[tuple[int, int]]:
         """Stop claiming, let running jobs finish for ``grace`` s, then cancel the rest.
@@ -116,7 +124,38 @@ class Worker:
             return batch
         return min(limit - len(self.running), batch)
 
+    async def _guarded(self) -> None:
+        # The claim loop handles database errors itself; anything else is a bug, but it must
+        # not silently end consumption on this instance: log it and start over.
+        while not self.closing:
+            try:
+                await self._loop()
+            except Exception:
+                log.exception("pgcoord queue %r: claim loop failed; restarting", self.channel)
+                self.idle_state = None
+                await asyncio.sleep(1.0)
+
+    async def _mark(self, idle: bool) -> None:
+        if self.idle_state is idle:
+            return
+        try:
+            await self.queue._set_waiter(self.channel, idle)
+        except (PgcoordError, OSError) as exc:
+            # Producers then may skip NOTIFYs we would want: polling still finds the jobs.
+            log.warning(
+                "pgcoord queue %r: registering as %s failed: %s",
+                self.channel,
+                "idle" if idle else "busy",
+                exc,
+            )
+            self.idle_state = None
+            return
+        self.idle_state = idle
+
     async def _loop(self) -> None:
+        # Registered as possibly asleep before the first claim, so that no job published
+        # after that claim can go without a NOTIFY.
+        await self._mark(True)
         backoff = _ERROR_BACKOFF_FIRST
         interval = self.opts.interval
         idle = self.opts.idle
@@ -155,9 +194,21 @@ class Worker:
             for row in rows:
                 self._launch(row)
             if len(rows) >= free:
-                # Probably more waiting: let the new jobs start, then claim again.
+                # Probably more waiting: let the new jobs start, then claim again. After a
+                # few full batches in a row we are draining a backlog and will not sleep, so
+                # producers may stop sending NOTIFYs for this queue.
+                self._full_claims += 1
+                if self._full_claims == _BUSY_AFTER_FULL_CLAIMS and not self.closing:
+                    await self._mark(False)
                 await asyncio.sleep(0)
                 continue
+            self._full_claims = 0
+            if self.idle_state is not True and not self.closing:
+                # About to sleep: say so first, then look once more. A job committed by a
+                # producer that still saw us busy is found by this second claim.
+                await self._mark(True)
+                if self.idle_state is True:
+                    continue
             await self._sleep(self.wake, interval)
 
     async def _sleep(self, event: asyncio.Event, timeout: float) -> None:

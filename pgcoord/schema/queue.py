@@ -8,12 +8,17 @@ holds the job, the end of that worker's lease. A job is claimable exactly when
 worker died (their lease simply runs out), and no sweeper is needed.
 
 ``queue_failed`` holds dead letters: jobs whose last try failed, with the error and traceback.
+
+``queue_waiters`` has one row per subscribed worker saying whether it may be asleep waiting for
+a NOTIFY (``idle``); producers read it inside their INSERT and skip the wake-up NOTIFY when
+every worker of the queue is busy claiming anyway.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -29,6 +34,7 @@ from sqlalchemy import (
 
 JOBS = "queue_jobs"
 FAILED = "queue_failed"
+WAITERS = "queue_waiters"
 
 #: Storage parameters of the hot table. Every job is inserted, updated (claim) and deleted, so
 #: dead tuples pile up fast: vacuum after ~1,000 of them regardless of table size, without
@@ -92,3 +98,13 @@ def define(metadata: MetaData) -> None:
         Column("payload", Text, nullable=False),
     )
     Index("queue_failed_app_channel", failed.c.app, failed.c.channel, failed.c.failed_at)
+    Table(
+        WAITERS,
+        metadata,
+        Column("app", Text(collation="C"), primary_key=True),
+        Column("channel", Text(collation="C"), primary_key=True),
+        Column("worker", Text(collation="C"), primary_key=True),
+        Column("idle", Boolean, nullable=False),
+        # A dead worker's row stops counting once this passes (refreshed every lease/3).
+        Column("expires_at", DateTime(timezone=True), nullable=False),
+    )

@@ -6,6 +6,7 @@ Timing is only ever waited for (generously), never asserted as a speed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from typing import Any
@@ -444,3 +445,39 @@ async def test_workers_vacuum_the_jobs_table_under_churn(
     while _rows(dsn, query) != [] and _rows(dsn, query)[0][0] == 0:
         assert time.monotonic() < deadline, "the workers never vacuumed the jobs table"
         await asyncio.sleep(0.2)
+
+
+async def test_wake_up_notify_only_when_a_worker_may_be_asleep(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    producer = await make_coord(queue_notify_gap=0.001)
+    pg_channel = producer._rt.channel("queue", "wake")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as spy:
+        await spy.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(pg_channel)))
+
+        async def notifications(wait: float) -> int:
+            count = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    async for _ in spy.notifies():
+                        count += 1
+            return count
+
+        # Nobody consumes the queue: enqueueing sends no NOTIFY at all.
+        for i in range(5):
+            await producer.event_queue.publish("wake", i)
+        assert await notifications(0.3) == 0
+
+        consumer = await make_coord()
+        got: list[Any] = []
+
+        async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+            got.append(message)
+
+        await consumer.event_queue.subscribe("wake", process=process, interval=30.0)
+        await _until(lambda: len(got) == 5)  # the first claim needs no NOTIFY
+        await asyncio.sleep(0.2)
+        # The worker now sleeps (30 s poll): only a NOTIFY can bring the next job this fast.
+        await producer.event_queue.publish("wake", "ping")
+        assert await notifications(2.0) >= 1
+        await _until(lambda: got[-1:] == ["ping"], timeout=10)

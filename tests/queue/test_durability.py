@@ -50,6 +50,9 @@ async def test_a_worker_keeps_going_after_the_server_restarts(pg: PgServer, dsn:
         await asyncio.to_thread(pg.restart, "immediate")
         async with pgcoord.Coordinator(dsn) as producer:
             await producer.event_queue.publish("survive", "after")
-        while got != ["before", "after"]:
+        # At-least-once: a completion written just before the crash may be lost with it (the
+        # worker's writes skip the WAL flush wait), so "before" may legitimately run again.
+        while "after" not in got:
             assert time.monotonic() < deadline + 20
             await asyncio.sleep(0.05)
+        assert set(got) == {"before", "after"}
