@@ -1,10 +1,12 @@
 """``LockManager``: distributed locks on PostgreSQL advisory locks, with server-enforced leases.
 
-How a lock is taken (one round trip when uncontended): this process's gate for the key (so tasks
-of one process exclude each other), then a dedicated connection from the lock budget, then one
-call of ``lock_acquire`` on it, which takes the session-level advisory lock (waiting in the
-server's FIFO queue, no polling), arms ``idle_session_timeout`` as the lease, draws the fencing
-token and records the holder. See docs/locks.md for the decisions and their reasons.
+How a lock is taken (one round trip when uncontended): this process's gate for the key (which
+bounds the connections one key may use), then a dedicated connection from the lock budget, then
+one statement on it that takes the session-level advisory lock (waiting in the server's FIFO
+queue, no polling), arms ``idle_session_timeout`` as the lease and draws the fencing token. The
+first acquisition on a session calls the ``lock_acquire`` function (it also records the holder
+and reads the token epoch); re-taking the same key on a warm session is a plain statement that
+writes nothing. See docs/locks.md for the decisions and their reasons.
 """
 
 from __future__ import annotations
