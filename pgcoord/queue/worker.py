@@ -135,9 +135,10 @@ class Worker:
                 self.idle_state = None
                 await asyncio.sleep(1.0)
 
-    async def _mark(self, idle: bool) -> None:
+    async def _mark(self, idle: bool) -> bool:
+        """Record our state in queue_waiters; False when that failed."""
         if self.idle_state is idle:
-            return
+            return True
         try:
             await self.queue._set_waiter(self.channel, idle)
         except (PgcoordError, OSError) as exc:
@@ -149,8 +150,9 @@ class Worker:
                 exc,
             )
             self.idle_state = None
-            return
+            return False
         self.idle_state = idle
+        return True
 
     async def _loop(self) -> None:
         # Registered as possibly asleep before the first claim, so that no job published
@@ -206,8 +208,7 @@ class Worker:
             if self.idle_state is not True and not self.closing:
                 # About to sleep: say so first, then look once more. A job committed by a
                 # producer that still saw us busy is found by this second claim.
-                await self._mark(True)
-                if self.idle_state is True:
+                if await self._mark(True):
                     continue
             await self._sleep(self.wake, interval)
 
