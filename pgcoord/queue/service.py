@@ -15,19 +15,20 @@ from typing import Any, ClassVar
 
 from psycopg import sql
 
-from pgcoord import _driver, codec
+from pgcoord import codec
 from pgcoord import transaction as txn
 from pgcoord._driver import translated
-from pgcoord.errors import InvalidInputError, InvalidTypeError, PgcoordError
+from pgcoord.errors import InvalidTypeError, PgcoordError
 from pgcoord.queue import deadletters, queries
 from pgcoord.queue.deadletters import FailedJob
 from pgcoord.queue.options import PublishOptions, publish_options, subscribe_options
 from pgcoord.queue.outcomes import Outcomes
+from pgcoord.queue.producer import ProducerConnections
 from pgcoord.queue.throttle import NotifyState
 from pgcoord.queue.worker import Worker
 from pgcoord.runtime import Runtime, Service
 from pgcoord.schema import queue as schema_queue
-from pgcoord.validation import check_int, check_key, check_positive
+from pgcoord.validation import check_int, check_key, check_non_negative, check_positive
 
 log = logging.getLogger("pgcoord.queue")
 
@@ -65,16 +66,17 @@ class EventQueue(Service):
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
         self._lease = check_positive(self.option("queue_lease"), "queue_lease")
-        self._grace = float(self.option("queue_grace"))
-        if self._grace < 0:
-            raise InvalidInputError("queue_grace must be >= 0 seconds")
+        self._grace = check_non_negative(self.option("queue_grace"), "queue_grace")
         self._batch = check_int(self.option("queue_batch"), "queue_batch", minimum=1)
-        self._gap = float(self.option("queue_notify_gap"))
-        self._txn_window = float(self.option("queue_txn_notify_window"))
+        self._gap = check_non_negative(self.option("queue_notify_gap"), "queue_notify_gap")
+        self._txn_window = check_non_negative(
+            self.option("queue_txn_notify_window"), "queue_txn_notify_window"
+        )
         self._q = queries.build(runtime.schema)
         self._workers: dict[str, Worker] = {}
         self._notify: dict[str, NotifyState] = {}
         self._pg_channels: dict[str, str] = {}
+        self._producer = ProducerConnections()
         self._senders: set[asyncio.Task[None]] = set()
         self._outcomes = Outcomes(self._write, self._q)
         # Outcome flushes and lease renewals both lock job rows; one at a time per process
@@ -121,6 +123,7 @@ class EventQueue(Service):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
             self._renewer = None
+        await self._producer.close()
         for task in list(self._senders):
             task.cancel()
         if self._senders:
@@ -216,15 +219,7 @@ class EventQueue(Service):
         ``delay``: seconds before the job may first run; larger ``priority`` runs first.
         With ``transaction=`` the job exists only if that transaction commits.
         """
-        check_key(channel, "channel")
-        opts = publish_options(
-            timeout=timeout, max_retries=max_retries, delay=delay, priority=priority
-        )
-        payload = codec.encode(message, "message")
-        if transaction is not None:
-            txn.check_transaction(transaction)
-        params = self._params(channel, opts)
-        params["payload"] = payload
+        params = self._one(channel, message, timeout, max_retries, delay, priority, transaction)
         ids = await self._insert(
             channel, params, self._q.publish, self._q.publish_notify, transaction
         )
@@ -242,6 +237,92 @@ class EventQueue(Service):
         transaction: object = None,
     ) -> list[int]:
         """Enqueue many jobs in one round trip; returns their ids in the order given."""
+        params = self._many(channel, messages, timeout, max_retries, delay, priority, transaction)
+        if not params["payloads"]:
+            return []
+        ids = await self._insert(
+            channel, params, self._q.publish_many, self._q.publish_many_notify, transaction
+        )
+        # Ids come from one sequence in row order, so sorting restores the messages' order.
+        return sorted(ids)
+
+    def publish_sync(
+        self,
+        channel: str,
+        message: Any,
+        *,
+        transaction: object,
+        timeout: float = 15.0,
+        max_retries: int = 0,
+        delay: float = 0.0,
+        priority: int = 0,
+    ) -> int:
+        """Blocking ``publish`` for sync code, inside the caller's own transaction.
+
+        ``transaction`` is required: a sync psycopg ``Connection`` or a SQLAlchemy
+        ``Connection``/``Session``. The job exists if and only if it commits. Callable from
+        any thread. The wake-up NOTIFY rides in that transaction, only when some worker of
+        the queue may be asleep.
+        """
+        params = self._one(channel, message, timeout, max_retries, delay, priority, transaction)
+        return self._insert_sync(channel, params, self._q.publish_notify, transaction)[0]
+
+    def publish_many_sync(
+        self,
+        channel: str,
+        messages: Iterable[Any],
+        *,
+        transaction: object,
+        timeout: float = 15.0,
+        max_retries: int = 0,
+        delay: float = 0.0,
+        priority: int = 0,
+    ) -> list[int]:
+        """Blocking ``publish_many`` for sync code, inside the caller's own transaction."""
+        params = self._many(channel, messages, timeout, max_retries, delay, priority, transaction)
+        if not params["payloads"]:
+            return []
+        return sorted(self._insert_sync(channel, params, self._q.publish_many_notify, transaction))
+
+    def _insert_sync(
+        self, channel: str, params: dict[str, Any], query: Any, transaction: object
+    ) -> list[int]:
+        if transaction is None:
+            raise InvalidTypeError("publish_sync needs transaction= (a sync connection/session)")
+        params["pg_channel"] = self._pg_channel(channel)
+        return [r[0] for r in txn.execute_sync(transaction, query, params)]
+
+    def _one(
+        self,
+        channel: str,
+        message: Any,
+        timeout: object,
+        max_retries: object,
+        delay: object,
+        priority: object,
+        transaction: object,
+    ) -> dict[str, Any]:
+        check_key(channel, "channel")
+        opts = publish_options(
+            timeout=timeout, max_retries=max_retries, delay=delay, priority=priority
+        )
+        payload = codec.encode(message, "message")
+        if transaction is not None:
+            txn.check_transaction(transaction)
+        params = self._params(channel, opts)
+        params["payload"] = payload
+        return params
+
+    def _many(
+        self,
+        channel: str,
+        messages: Iterable[Any],
+        timeout: object,
+        max_retries: object,
+        delay: object,
+        priority: object,
+        transaction: object,
+    ) -> dict[str, Any]:
         check_key(channel, "channel")
         opts = publish_options(
             timeout=timeout, max_retries=max_retries, delay=delay, priority=priority
@@ -251,15 +332,9 @@ class EventQueue(Service):
         payloads = [codec.encode(m, f"messages[{i}]") for i, m in enumerate(messages)]
         if transaction is not None:
             txn.check_transaction(transaction)
-        if not payloads:
-            return []
         params = self._params(channel, opts)
         params["payloads"] = payloads
-        ids = await self._insert(
-            channel, params, self._q.publish_many, self._q.publish_many_notify, transaction
-        )
-        # Ids come from one sequence in row order, so sorting restores the messages' order.
-        return sorted(ids)
+        return params
 
     def _params(self, channel: str, opts: PublishOptions) -> dict[str, Any]:
         return {
@@ -282,7 +357,7 @@ class EventQueue(Service):
         pg_channel = self._pg_channel(channel)
         state = self._notify_state(pg_channel)
         if transaction is None:
-            async with _driver.pooled(self._rt.pool, self._rt.dsn) as conn:
+            async with self._producer.connection(self._rt.pool, self._rt.dsn) as conn:
                 cur = await conn.execute(plain, params)
                 rows = await cur.fetchall()
             # Committed: a NOTIFY sent from now on reveals these jobs to whoever it wakes.

@@ -205,11 +205,10 @@ class Worker:
                 await asyncio.sleep(0)
                 continue
             self._full_claims = 0
-            if self.idle_state is not True and not self.closing:
-                # About to sleep: say so first, then look once more. A job committed by a
-                # producer that still saw us busy is found by this second claim.
-                if await self._mark(True):
-                    continue
+            # About to sleep: say so first, then look once more. A job committed by a producer
+            # that still saw us busy is found by this second claim.
+            if self.idle_state is not True and not self.closing and await self._mark(True):
+                continue
             await self._sleep(self.wake, interval)
 
     async def _sleep(self, event: asyncio.Event, timeout: float) -> None:

@@ -481,3 +481,32 @@ async def test_wake_up_notify_only_when_a_worker_may_be_asleep(
         await producer.event_queue.publish("wake", "ping")
         assert await notifications(2.0) >= 1
         await _until(lambda: got[-1:] == ["ping"], timeout=10)
+
+
+async def test_publish_sync_for_blocking_code_joins_the_callers_transaction(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord()
+    got: list[Any] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        got.append(message)
+
+    await coord.event_queue.subscribe("blocking", process=process, interval=0.05)
+
+    def blocking_app_code() -> list[int]:
+        with psycopg.connect(dsn) as conn:
+            coord.event_queue.publish_sync("blocking", "rolled back", transaction=conn)
+            conn.rollback()
+            first = coord.event_queue.publish_sync("blocking", "kept", transaction=conn)
+            more = coord.event_queue.publish_many_sync("blocking", [1, 2], transaction=conn)
+            conn.commit()
+        return [first, *more]
+
+    ids = await asyncio.to_thread(blocking_app_code)
+    assert len(ids) == 3 and ids == sorted(ids)
+    await _until(lambda: len(got) == 3)
+    await asyncio.sleep(0.3)
+    assert sorted(map(str, got)) == ["1", "2", "kept"]
+    with pytest.raises(TypeError):
+        coord.event_queue.publish_sync("blocking", object(), transaction=None)  # type: ignore[arg-type]
