@@ -3,17 +3,18 @@
 All systems run in this one process against the same server, each in a fresh database.
 
 1. Drain N pre-enqueued no-op jobs with each system's own worker (pgcoord, pgqueuer-asyncpg,
-   pgqueuer-psycopg; procrastinate gets fewer jobs: it is ~30x slower).
+   pgqueuer-psycopg; procrastinate gets fewer jobs by default: it is ~40x slower).
 2. The raw primitive: ``DELETE ... WHERE id IN (SELECT ... LIMIT 50 FOR UPDATE SKIP LOCKED)``.
-3. Continuous enqueue + process for ``--seconds`` (producers publish batches of 50 while
-   the worker drains; jobs/s processed).
+3. Continuous enqueue + process for ``--seconds`` (two producer tasks publish batches of 50
+   while the system's worker runs; jobs/s processed within the window, for every system).
 4. Idle pickup latency: one job at a time into an idle worker (publish() -> process() start).
 5. 8 producers, one job per transaction: publish() vs the same INSERT into an identical
    table with no queue (and the naive INSERT+NOTIFY per transaction, and transaction=).
 6. Churn: drain rate at the start vs after QUEUE_BENCH_CHURN jobs (default 600,000) went
    through the same table.
 
-Environment knobs: QUEUE_BENCH_DRAIN (20000), QUEUE_BENCH_CHURN (600000), QUEUE_BENCH_GAP
+Environment knobs: QUEUE_BENCH_DRAIN (20000), QUEUE_BENCH_SLOW_DRAIN (5000, procrastinate's
+drain), QUEUE_BENCH_CHURN (1000000), QUEUE_BENCH_ROUNDS (5), QUEUE_BENCH_GAP
 (queue_notify_gap for the producer processes),
 QUEUE_BENCH_PEERS=0 to skip the peers.
 """
@@ -36,7 +37,8 @@ from bench._common import BenchContext, percentiles
 from pgcoord.queue import queries
 
 DRAIN = int(os.environ.get("QUEUE_BENCH_DRAIN", "20000"))
-CHURN = int(os.environ.get("QUEUE_BENCH_CHURN", "600000"))
+SLOW_DRAIN = int(os.environ.get("QUEUE_BENCH_SLOW_DRAIN", "5000"))  # procrastinate: ~600/s
+CHURN = int(os.environ.get("QUEUE_BENCH_CHURN", "1000000"))
 PEERS = os.environ.get("QUEUE_BENCH_PEERS", "1") != "0"
 CONCURRENCY = 100  # pgcoord's per-process concurrency in the throughput runs
 
@@ -69,27 +71,25 @@ async def _pgcoord_drain(coord: pgcoord.Coordinator, channel: str, n: int) -> fl
 async def _pgcoord_continuous(coord: pgcoord.Coordinator, seconds: float) -> tuple[float, float]:
     eq = coord.event_queue
     done = 0
+    processed_at_stop = 0
 
     async def noop(message: Any, ctx: pgcoord.JobContext) -> None:
         nonlocal done
         done += 1
 
-    await eq.subscribe("cont", process=noop, concurrency=CONCURRENCY)
-    published = 0
-    stop = time.perf_counter() + seconds
+    async def enqueue() -> None:
+        await eq.publish_many("cont", [None] * 50)
 
-    async def produce() -> None:
-        nonlocal published
-        while time.perf_counter() < stop:
-            await eq.publish_many("cont", [None] * 50)
-            published += 50
+    async def worker() -> None:
+        await eq.subscribe("cont", process=noop, concurrency=CONCURRENCY)
 
-    began = time.perf_counter()
-    await asyncio.gather(produce(), produce())
-    elapsed = time.perf_counter() - began
-    processed = done
+    def stop() -> None:
+        nonlocal processed_at_stop
+        processed_at_stop = done
+
+    published, elapsed = await _feed(seconds, [enqueue, enqueue], worker, stop)
     await eq.unsubscribe("cont")
-    return processed / elapsed, published / elapsed
+    return processed_at_stop / elapsed, published / elapsed
 
 
 async def _pgcoord_latency(dsn: str, samples: int) -> tuple[float, float]:
@@ -333,18 +333,24 @@ async def _pgqueuer_drain(dsn: str, n: int, driver_kind: str) -> float:
         await conn.close()
 
 
-async def _pgqueuer_continuous(dsn: str, seconds: float) -> tuple[float, float]:
+async def _pgqueuer_continuous(dsn: str, seconds: float, driver_kind: str) -> tuple[float, float]:
     from pgqueuer import QueueManager
-    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.db import AsyncpgDriver, PsycopgDriver
     from pgqueuer.queries import Queries
 
-    conn = await _asyncpg_connect(dsn)
-    pconn = await _asyncpg_connect(dsn)
+    async def connect() -> tuple[Any, Any]:
+        if driver_kind == "asyncpg":
+            conn = await _asyncpg_connect(dsn)
+            return conn, AsyncpgDriver(conn)
+        pconn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        return pconn, PsycopgDriver(pconn)
+
+    # The worker's connection and one per producer task (a connection runs one query at once).
+    made = [await connect() for _ in range(3)]
     try:
-        queries = Queries(AsyncpgDriver(conn))
+        queries = Queries(made[0][1])
         if not await queries.schema_is_installed():
             await queries.install()
-        producer = Queries(AsyncpgDriver(pconn))
         qm = QueueManager(queries)
         done = 0
 
@@ -353,23 +359,88 @@ async def _pgqueuer_continuous(dsn: str, seconds: float) -> tuple[float, float]:
             nonlocal done
             done += 1
 
-        published = 0
-        stop = time.perf_counter() + seconds
+        async def enqueue(producer: Any) -> None:
+            await producer.enqueue(["noop"] * 50, [None] * 50, [0] * 50)
 
-        async def produce() -> None:
-            nonlocal published
-            while time.perf_counter() < stop:
-                await producer.enqueue(["noop"] * 50, [None] * 50, [0] * 50)
-                published += 50
-            qm.shutdown.set()
+        async def worker() -> None:
+            await qm.run(batch_size=10, dequeue_timeout=timedelta(seconds=1))
 
-        began = time.perf_counter()
-        await asyncio.gather(qm.run(batch_size=10, dequeue_timeout=timedelta(seconds=1)), produce())
-        elapsed = time.perf_counter() - began
+        producers = [Queries(driver) for _, driver in made[1:]]
+        published, elapsed = await _feed(
+            seconds, [lambda p=p: enqueue(p) for p in producers], worker, qm.shutdown.set
+        )
         return done / elapsed, published / elapsed
     finally:
-        await conn.close()
-        await pconn.close()
+        for conn, _ in made:
+            await conn.close()
+
+
+async def _feed(
+    seconds: float, enqueue_calls: list[Any], worker: Any, stop_worker: Any
+) -> tuple[int, float]:
+    """Run ``worker()`` while each of ``enqueue_calls`` adds 50 jobs a call for ``seconds``."""
+    published = 0
+    stop = time.perf_counter() + seconds
+
+    async def produce(call: Any) -> None:
+        nonlocal published
+        while time.perf_counter() < stop:
+            await call()
+            published += 50
+
+    task = asyncio.create_task(worker())
+    began = time.perf_counter()
+    await asyncio.gather(*(produce(c) for c in enqueue_calls))
+    elapsed = time.perf_counter() - began
+    stop_worker()
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(task, 30)
+    return published, elapsed
+
+
+async def _procrastinate_continuous(dsn: str, seconds: float) -> tuple[float, float]:
+    import procrastinate
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
+    done = 0
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        nonlocal done
+        done += 1
+
+    async with app.open_async():
+        with contextlib.suppress(Exception):
+            await app.schema_manager.apply_schema_async()
+
+        async def enqueue() -> None:
+            await noop.batch_defer_async(*([{}] * 50))
+
+        worker_task: list[asyncio.Task[Any]] = []
+
+        async def worker() -> None:
+            task = asyncio.create_task(
+                app.run_worker_async(
+                    concurrency=10, install_signal_handlers=False, delete_jobs="always"
+                )
+            )
+            worker_task.append(task)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        def stop() -> None:
+            if worker_task:
+                worker_task[0].cancel()
+
+        processed_at_stop = 0
+
+        def stop_and_count() -> None:
+            nonlocal processed_at_stop
+            processed_at_stop = done
+            stop()
+
+        published, elapsed = await _feed(seconds, [enqueue, enqueue], worker, stop_and_count)
+    return processed_at_stop / elapsed, published / elapsed
 
 
 async def _procrastinate_drain(dsn: str, n: int) -> float:
@@ -468,13 +539,21 @@ async def run(ctx: BenchContext) -> None:
             ctx.fresh_database(migrate=False), DRAIN, "asyncpg"
         )
         peers["pgqueuer-psycopg"] = await _pgqueuer_drain(
-            ctx.fresh_database(migrate=False), DRAIN // 2, "psycopg"
+            ctx.fresh_database(migrate=False), DRAIN, "psycopg"
         )
         peers["procrastinate"] = await _procrastinate_drain(
-            ctx.fresh_database(migrate=False), max(1000, DRAIN // 10)
+            ctx.fresh_database(migrate=False), SLOW_DRAIN
         )
     for name, value in peers.items():
-        ctx.row("drain no-op jobs", ours, "jobs/s", baseline=name, baseline_value=value)
+        jobs = SLOW_DRAIN if name == "procrastinate" else DRAIN
+        ctx.row(
+            "drain no-op jobs",
+            ours,
+            "jobs/s",
+            baseline=name,
+            baseline_value=value,
+            note=f"{name}: {jobs:,} jobs, its own worker",
+        )
     ctx.row(
         "drain no-op jobs",
         ours,
@@ -487,21 +566,22 @@ async def run(ctx: BenchContext) -> None:
     print("continuous enqueue + process ...", flush=True)
     async with pgcoord.Coordinator(ctx.fresh_database()) as coord:
         processed, published = await _pgcoord_continuous(coord, ctx.seconds)
+    note = "2 producer tasks x 50-job batches; enqueued/s: pgcoord {:,.0f}, peer {:,.0f}"
     if PEERS:
-        p_processed, p_published = await _pgqueuer_continuous(
-            ctx.fresh_database(migrate=False), ctx.seconds
-        )
-        ctx.row(
-            f"continuous enqueue+process, {ctx.seconds:g} s",
-            processed,
-            "jobs/s done",
-            baseline="pgqueuer-asyncpg",
-            baseline_value=p_processed,
-            note=(
-                f"2 producers x 50-job batches: enqueued {published:,.0f}/s vs "
-                f"{p_published:,.0f}/s; what is not processed is backlog"
-            ),
-        )
+        for name, peer_run in (
+            ("pgqueuer-asyncpg", lambda d: _pgqueuer_continuous(d, ctx.seconds, "asyncpg")),
+            ("pgqueuer-psycopg", lambda d: _pgqueuer_continuous(d, ctx.seconds, "psycopg")),
+            ("procrastinate", lambda d: _procrastinate_continuous(d, ctx.seconds)),
+        ):
+            p_processed, p_published = await peer_run(ctx.fresh_database(migrate=False))
+            ctx.row(
+                f"continuous enqueue+process, {ctx.seconds:g} s",
+                processed,
+                "jobs/s done",
+                baseline=name,
+                baseline_value=p_processed,
+                note=note.format(published, p_published),
+            )
     else:
         ctx.row("continuous enqueue+process", processed, "jobs/s done")
 
