@@ -510,3 +510,30 @@ async def test_publish_sync_for_blocking_code_joins_the_callers_transaction(
     assert sorted(map(str, got)) == ["1", "2", "kept"]
     with pytest.raises(TypeError):
         coord.event_queue.publish_sync("blocking", object(), transaction=None)  # type: ignore[arg-type]
+
+
+async def test_a_running_job_keeps_its_lease_past_the_lease_length(
+    make_coord: CoordFactory,
+) -> None:
+    # Two instances, a 1 s lease, a 2.5 s job: without renewal the other instance would
+    # take the job over after 1 s and run it a second time.
+    first = await make_coord(queue_lease=1.0)
+    second = await make_coord(queue_lease=1.0)
+    runs: list[tuple[str, int]] = []
+
+    def handler(tag: str) -> Any:
+        async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+            runs.append((tag, ctx.attempt))
+            await asyncio.sleep(2.5)
+
+        return process
+
+    await first.event_queue.subscribe("long", process=handler("first"), interval=0.05)
+    await first.event_queue.publish("long", None)
+    await _until(lambda: len(runs) == 1)
+    await second.event_queue.subscribe("long", process=handler("second"), interval=0.05)
+    deadline = time.monotonic() + 15
+    while (await first.event_queue.stats("long")) != {"ready": 0, "running": 0, "scheduled": 0}:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert runs == [("first", 1)]
