@@ -243,6 +243,12 @@ class LockConnections:
         except Exception:  # a broken connection may complain while closing; it is gone anyway
             log.debug("pgcoord: closing a lock connection failed", exc_info=True)
 
+    def drop_idle(self) -> None:
+        """Close every idle connection (after one turned out dead: a restart kills them all)."""
+        idle, self._idle = self._idle, []
+        for lconn in idle:
+            self.discard(lconn)
+
     def _free_slot(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()

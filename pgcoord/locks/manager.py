@@ -240,7 +240,7 @@ class LockManager(Service):
                 row = await cur.fetchone()
             except psycopg.errors.LockNotAvailable:
                 self._not_waiting(lconn)
-                connections.put(lconn)  # lock_timeout: the session is fine and holds nothing
+                await self._after_lock_timeout(lconn)
                 row = None
             except psycopg.Error as exc:
                 self._not_waiting(lconn)
@@ -251,7 +251,10 @@ class LockManager(Service):
                     ) from exc
                 error = _driver.translate(exc, self._rt.dsn)
                 if attempt == 0 and isinstance(error, ConnectionFailedError):
-                    continue  # the session died (server restart?) before it got the lock: retry
+                    # The session died (server restart?) before it got the lock, and its idle
+                    # siblings most likely with it: retry once on a fresh connection.
+                    connections.drop_idle()
+                    continue
                 raise error from exc
             except BaseException:
                 # Cancelled mid-statement: the lock may or may not have been granted. Closing
@@ -273,6 +276,25 @@ class LockManager(Service):
             self._held.add(lock)
             return lock
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _after_lock_timeout(self, lconn: LockConnection) -> None:
+        """Make a session whose wait hit ``lock_timeout`` fit for reuse, or drop it.
+
+        ``lock_timeout`` can fire just as the lock is granted; PostgreSQL then reports the
+        timeout but keeps the lock, and a session-level lock survives the failed statement. So
+        the session lets go of whatever it may hold before it goes back to the pool.
+        """
+        connections = self._connections
+        assert connections is not None
+        try:
+            await lconn.conn.execute(self._queries.unlock_all)
+        except psycopg.Error:
+            connections.discard(lconn)  # closing the session frees its locks too
+            return
+        except BaseException:
+            connections.discard(lconn)
+            raise
+        connections.put(lconn)
 
     def _not_waiting(self, lconn: LockConnection) -> None:
         self._waiting.discard(lconn)

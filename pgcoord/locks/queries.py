@@ -59,6 +59,7 @@ class LockQueries:
     holders: str
     prune: str
     xact_lock: str
+    unlock_all: str
 
     @classmethod
     def for_schema(cls, schema: str) -> LockQueries:
@@ -84,4 +85,5 @@ class LockQueries:
             holders=render(sql.SQL(_HOLDERS).format(holders=holders)),
             prune=render(sql.SQL(_PRUNE).format(holders=holders)),
             xact_lock="SELECT pg_advisory_xact_lock(%s)",
+            unlock_all="SELECT pg_advisory_unlock_all()",
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
@@ -494,3 +495,62 @@ async def test_a_crash_reset_of_the_token_state_starts_a_new_epoch(
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
     epochs = [lease.split_token(t)[0] for t in tokens]
     assert len(set(epochs)) == 3
+
+
+async def test_stress_tasks_of_two_instances_on_few_keys(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    # Many tasks, few keys, a tight connection budget, tries with and without timeouts, and
+    # cancellations: nobody ever shares a key, and nothing (connections, gates, locks) leaks.
+    # (A lock_timeout that fires just as the lock is granted leaves the lock held by the
+    # session; a pooled session must never keep it.)
+    # Idle connections live long here: one that kept a lock would stall the others for good.
+    a, b = await two(make_coord, lock_max_connections=4, lock_idle_timeout=600)
+    rng = random.Random(7)
+    inside: dict[str, int] = {}
+    overlaps = 0
+    done = 0
+
+    async def worker(manager: pgcoord.LockManager, seed: int) -> None:
+        nonlocal overlaps, done
+        local = random.Random(seed)
+        for _ in range(25):
+            key = f"k{local.randrange(3)}"
+            try:
+                if local.random() < 0.3:
+                    lock = await manager.try_acquire(key, timeout=local.choice([0.0, 0.01, 0.2]))
+                else:
+                    lock = await manager.acquire(key)
+            except pgcoord.LockAcquireError:
+                continue
+            inside[key] = inside.get(key, 0) + 1
+            overlaps += inside[key] > 1
+            try:
+                await asyncio.sleep(local.random() * 0.002)
+            finally:  # also when cancelled here
+                inside[key] -= 1
+                await lock.release()
+            done += 1
+
+    tasks = [
+        asyncio.create_task(worker(m, rng.randrange(10**6)))
+        for m in (a.lock_manager, b.lock_manager)
+        for _ in range(8)
+    ]
+    await asyncio.sleep(0.05)
+    tasks[0].cancel()
+    tasks[9].cancel()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    assert all(r is None or isinstance(r, asyncio.CancelledError) for r in results)
+    assert overlaps == 0 and done > 0
+    for manager in (a.lock_manager, b.lock_manager):
+        stats = manager.connection_stats()
+        assert stats["held"] == 0 and stats["open"] <= 4
+        assert len(manager._gates) == 0
+    assert await a.lock_manager.holders() == []
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND a.application_name = 'pgcoord-lock'"
+        )
+        assert await cur.fetchone() == (0,)
