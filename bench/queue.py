@@ -68,28 +68,21 @@ async def _pgcoord_drain(coord: pgcoord.Coordinator, channel: str, n: int) -> fl
     return n / elapsed
 
 
-async def _pgcoord_continuous(coord: pgcoord.Coordinator, seconds: float) -> tuple[float, float]:
-    eq = coord.event_queue
+async def _pgcoord_continuous(dsn: str, seconds: float) -> tuple[float, float]:
     done = 0
-    processed_at_stop = 0
 
     async def noop(message: Any, ctx: pgcoord.JobContext) -> None:
         nonlocal done
         done += 1
 
-    async def enqueue() -> None:
-        await eq.publish_many("cont", [None] * 50)
+    async with pgcoord.Coordinator(dsn) as coord:
 
-    async def worker() -> None:
-        await eq.subscribe("cont", process=noop, concurrency=CONCURRENCY)
+        async def worker() -> None:
+            await coord.event_queue.subscribe("cont", process=noop, concurrency=CONCURRENCY)
 
-    def stop() -> None:
-        nonlocal processed_at_stop
-        processed_at_stop = done
-
-    published, elapsed = await _feed(seconds, [enqueue, enqueue], worker, stop)
-    await eq.unsubscribe("cont")
-    return processed_at_stop / elapsed, published / elapsed
+        result = await _feed("pgcoord", dsn, seconds, worker, lambda: None, lambda: done)
+        await coord.event_queue.unsubscribe("cont")
+    return result
 
 
 async def _pgcoord_latency(dsn: str, samples: int) -> tuple[float, float]:
@@ -338,17 +331,14 @@ async def _pgqueuer_continuous(dsn: str, seconds: float, driver_kind: str) -> tu
     from pgqueuer.db import AsyncpgDriver, PsycopgDriver
     from pgqueuer.queries import Queries
 
-    async def connect() -> tuple[Any, Any]:
-        if driver_kind == "asyncpg":
-            conn = await _asyncpg_connect(dsn)
-            return conn, AsyncpgDriver(conn)
-        pconn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-        return pconn, PsycopgDriver(pconn)
-
-    # The worker's connection and one per producer task (a connection runs one query at once).
-    made = [await connect() for _ in range(3)]
+    if driver_kind == "asyncpg":
+        conn: Any = await _asyncpg_connect(dsn)
+        driver: Any = AsyncpgDriver(conn)
+    else:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        driver = PsycopgDriver(conn)
     try:
-        queries = Queries(made[0][1])
+        queries = Queries(driver)
         if not await queries.schema_is_installed():
             await queries.install()
         qm = QueueManager(queries)
@@ -359,43 +349,91 @@ async def _pgqueuer_continuous(dsn: str, seconds: float, driver_kind: str) -> tu
             nonlocal done
             done += 1
 
-        async def enqueue(producer: Any) -> None:
-            await producer.enqueue(["noop"] * 50, [None] * 50, [0] * 50)
-
         async def worker() -> None:
             await qm.run(batch_size=10, dequeue_timeout=timedelta(seconds=1))
 
-        producers = [Queries(driver) for _, driver in made[1:]]
-        published, elapsed = await _feed(
-            seconds, [lambda p=p: enqueue(p) for p in producers], worker, qm.shutdown.set
-        )
-        return done / elapsed, published / elapsed
+        return await _feed("pgqueuer", dsn, seconds, worker, qm.shutdown.set, lambda: done)
     finally:
-        for conn, _ in made:
-            await conn.close()
+        await conn.close()
+
+
+async def _feed_in_child(system: str, dsn: str, start_at: float, seconds: float) -> int:
+    """Two tasks enqueueing 50-job batches with ``system``'s own API; returns jobs enqueued."""
+    published = 0
+    calls: list[Any] = []
+    closers: list[Any] = []
+    if system == "pgcoord":
+        coord = pgcoord.Coordinator(dsn)
+        await coord.start()
+        closers.append(coord.stop)
+        calls = [lambda: coord.event_queue.publish_many("cont", [None] * 50)] * 2
+    elif system == "pgqueuer":
+        from pgqueuer.db import AsyncpgDriver
+        from pgqueuer.queries import Queries
+
+        for _ in range(2):
+            conn = await _asyncpg_connect(dsn)
+            closers.append(conn.close)
+            q = Queries(AsyncpgDriver(conn))
+            calls.append(lambda q=q: q.enqueue(["noop"] * 50, [None] * 50, [0] * 50))
+    else:
+        import procrastinate
+
+        app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
+
+        @app.task(name="noop")
+        async def noop() -> None:
+            return None
+
+        await app.open_async()
+        closers.append(app.close_async)
+        calls = [lambda: noop.batch_defer_async(*([{}] * 50))] * 2
+    try:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        stop = start_at + seconds
+
+        async def produce(call: Any) -> None:
+            nonlocal published
+            while time.time() < stop:
+                await call()
+                published += 50
+
+        await asyncio.gather(*(produce(c) for c in calls))
+    finally:
+        for close in closers:
+            await close()
+    return published
+
+
+def _feeder_process(system: str, dsn: str, start_at: float, seconds: float) -> int:
+    """Entry point of the producer process."""
+    return asyncio.run(_feed_in_child(system, dsn, start_at, seconds))
 
 
 async def _feed(
-    seconds: float, enqueue_calls: list[Any], worker: Any, stop_worker: Any
-) -> tuple[int, float]:
-    """Run ``worker()`` while each of ``enqueue_calls`` adds 50 jobs a call for ``seconds``."""
-    published = 0
-    stop = time.perf_counter() + seconds
+    system: str, dsn: str, seconds: float, worker: Any, stop_worker: Any, processed: Any
+) -> tuple[float, float]:
+    """Run ``worker()`` here while another process enqueues for ``seconds``.
 
-    async def produce(call: Any) -> None:
-        nonlocal published
-        while time.perf_counter() < stop:
-            await call()
-            published += 50
+    The producers live in their own process so that they do not take the worker's event
+    loop away (all systems' workers here are asyncio). Returns (processed/s, enqueued/s)
+    over the producing window.
+    """
+    import multiprocessing
 
     task = asyncio.create_task(worker())
-    began = time.perf_counter()
-    await asyncio.gather(*(produce(c) for c in enqueue_calls))
-    elapsed = time.perf_counter() - began
+    start_at = time.time() + 3.0
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        result = pool.apply_async(_feeder_process, (system, dsn, start_at, seconds))
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        before = processed()
+        await asyncio.sleep(seconds)
+        after = processed()
+        published = await asyncio.to_thread(result.get, 60)
     stop_worker()
     with contextlib.suppress(asyncio.CancelledError, TimeoutError):
         await asyncio.wait_for(task, 30)
-    return published, elapsed
+    return (after - before) / seconds, published / seconds
 
 
 async def _procrastinate_continuous(dsn: str, seconds: float) -> tuple[float, float]:
@@ -412,10 +450,6 @@ async def _procrastinate_continuous(dsn: str, seconds: float) -> tuple[float, fl
     async with app.open_async():
         with contextlib.suppress(Exception):
             await app.schema_manager.apply_schema_async()
-
-        async def enqueue() -> None:
-            await noop.batch_defer_async(*([{}] * 50))
-
         worker_task: list[asyncio.Task[Any]] = []
 
         async def worker() -> None:
@@ -432,15 +466,7 @@ async def _procrastinate_continuous(dsn: str, seconds: float) -> tuple[float, fl
             if worker_task:
                 worker_task[0].cancel()
 
-        processed_at_stop = 0
-
-        def stop_and_count() -> None:
-            nonlocal processed_at_stop
-            processed_at_stop = done
-            stop()
-
-        published, elapsed = await _feed(seconds, [enqueue, enqueue], worker, stop_and_count)
-    return processed_at_stop / elapsed, published / elapsed
+        return await _feed("procrastinate", dsn, seconds, worker, stop, lambda: done)
 
 
 async def _procrastinate_drain(dsn: str, n: int) -> float:
@@ -564,9 +590,8 @@ async def run(ctx: BenchContext) -> None:
     )
 
     print("continuous enqueue + process ...", flush=True)
-    async with pgcoord.Coordinator(ctx.fresh_database()) as coord:
-        processed, published = await _pgcoord_continuous(coord, ctx.seconds)
-    note = "2 producer tasks x 50-job batches; enqueued/s: pgcoord {:,.0f}, peer {:,.0f}"
+    processed, published = await _pgcoord_continuous(ctx.fresh_database(), ctx.seconds)
+    note = "producer process, 2 tasks x 50-job batches; enqueued/s: pgcoord {:,.0f}, peer {:,.0f}"
     if PEERS:
         for name, peer_run in (
             ("pgqueuer-asyncpg", lambda d: _pgqueuer_continuous(d, ctx.seconds, "asyncpg")),
