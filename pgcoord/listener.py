@@ -159,7 +159,9 @@ class Listener:
     # -- the loop --------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = _BACKOFF_FIRST
+        # The first retry is immediate (a terminated backend or a dropped socket usually
+        # reconnects at once); later ones back off so a restarting server is not hammered.
+        backoff = 0.0
         while True:
             try:
                 if self._conn is None or self._conn.closed:
@@ -172,7 +174,7 @@ class Listener:
                     self.reconnects += 1
                     log.warning("pgcoord listener reconnected (backend pid %s)", self.backend_pid)
                     self._run_hooks()
-                backoff = _BACKOFF_FIRST
+                backoff = 0.0
                 await self._serve(self._conn)
             except asyncio.CancelledError:
                 raise
@@ -186,7 +188,7 @@ class Listener:
                 )
                 await self._close()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
+                backoff = min(max(backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
 
     async def _apply_channels(self, conn: psycopg.AsyncConnection[Any]) -> None:
         wanted = set(self._callbacks)
