@@ -43,16 +43,16 @@ END
 $fn$"""
     acquire = f"""
 CREATE FUNCTION {s}.lock_acquire(
-    p_key bigint, p_wait_ms integer, p_ttl_ms integer, p_name text
-) RETURNS bigint LANGUAGE plpgsql AS $fn$
+    p_key bigint, p_wait_ms integer, p_ttl_ms integer, p_name text,
+    OUT token bigint, OUT waited double precision
+) LANGUAGE plpgsql AS $fn$
 DECLARE
     v_epoch bigint;
-    v_token bigint;
 BEGIN
     -- p_wait_ms: -1 waits as long as it takes, 0 only tries, > 0 waits at most that long.
     IF p_wait_ms = 0 THEN
         IF NOT pg_try_advisory_lock(p_key) THEN
-            RETURN NULL;
+            RETURN;  -- token NULL: not had
         END IF;
     ELSE
         IF p_wait_ms > 0 THEN
@@ -66,7 +66,10 @@ BEGIN
     IF v_epoch IS NULL THEN
         v_epoch := {s}.lock_new_epoch();
     END IF;
-    v_token := v_epoch * {_EPOCH_FACTOR} + nextval('{s}.lock_token_seq');
+    token := v_epoch * {_EPOCH_FACTOR} + nextval('{s}.lock_token_seq');
+    -- How long this statement ran until the lock was granted: the lease starts when the
+    -- statement ends, so the client counts its deadline from (sent + waited), never earlier.
+    waited := date_part('epoch', clock_timestamp() - statement_timestamp());
     -- Which key, instance and lease this session serves: written only when that changed
     -- since its last acquisition (the client passes p_name NULL otherwise), so re-taking a
     -- hot key writes nothing. App and instance are this session's settings.
@@ -78,7 +81,6 @@ BEGIN
             lock_key = excluded.lock_key, app = excluded.app, name = excluded.name,
             instance_id = excluded.instance_id, ttl_ms = excluded.ttl_ms, since = NULL;
     END IF;
-    RETURN v_token;
 END
 $fn$"""
     extend = f"""

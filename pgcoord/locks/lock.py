@@ -85,7 +85,7 @@ class Lock:
         lconn: LockConnection,
         token: int,
         ttl: float | None,
-        sent_at: float,
+        lease_start: float,
     ) -> None:
         self._manager = manager
         self._key = key
@@ -96,7 +96,7 @@ class Lock:
         self._token = token
         self._ttl = ttl
         self._loop = asyncio.get_running_loop()
-        self._deadline = lease.local_deadline(sent_at, ttl)
+        self._deadline = lease.local_deadline(lease_start, ttl)
         self._acquired = lease.now()
         self._state = _State.HELD
         self._busy = False  # a release/extend statement is in flight

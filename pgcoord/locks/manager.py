@@ -263,16 +263,18 @@ class LockManager(Service):
                 connections.discard(lconn)
                 raise
             self._not_waiting(lconn)
-            token = row[0] if row else None
-            if token is not None and epoch is not None:
-                token += epoch << lease.TOKEN_EPOCH_SHIFT
-            if token is None:
+            if row is None or row[0] is None:
                 if row is not None:
                     connections.put(lconn)
                 raise LockAcquireError(f"the lock {name!r} is held by another holder")
+            token: int = row[0]
+            if epoch is not None:
+                token += epoch << lease.TOKEN_EPOCH_SHIFT
             lconn.registered = (advisory_key, ttl_ms)
             lconn.epoch = token >> lease.TOKEN_EPOCH_SHIFT
-            lock = Lock(self, name, advisory_key, gate, lconn, int(token), ttl, sent_at)
+            # The lease runs from the end of the statement, which was at least `waited` after
+            # it was sent: counting from there keeps the client's deadline before the server's.
+            lock = Lock(self, name, advisory_key, gate, lconn, token, ttl, sent_at + row[1])
             self._held.add(lock)
             return lock
         raise AssertionError("unreachable")  # pragma: no cover

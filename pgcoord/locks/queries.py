@@ -11,11 +11,13 @@ from psycopg import sql
 # sequence value in the outer projection, which only runs on the row the subquery produced, i.e.
 # once the lock is granted. The epoch part of the token is the one this session saw at its first
 # acquisition: valid for the session's whole life, because only crash recovery resets the
-# sequence, and a crash ends every session.
+# sequence, and a crash ends every session. The second column is how long the statement waited
+# for the lock (see lock_acquire): the lease starts when the statement ends.
 _ACQUIRE_FAST = """
-SELECT nextval({seq}), g.armed
+SELECT nextval({seq}), date_part('epoch', clock_timestamp() - statement_timestamp())
 FROM (SELECT pg_advisory_lock(%s), set_config('idle_session_timeout', %s, false) AS armed
       OFFSET 0) g
+WHERE g.armed IS NOT NULL
 """
 
 # Unlock and disarm the lease, in one round trip. The holder row is
@@ -71,7 +73,9 @@ class LockQueries:
         holders = sql.Identifier(schema, "lock_holders")
         return cls(
             acquire=render(
-                sql.SQL("SELECT {}(%s, %s, %s, %s)").format(sql.Identifier(schema, "lock_acquire"))
+                sql.SQL("SELECT token, waited FROM {}(%s, %s, %s, %s)").format(
+                    sql.Identifier(schema, "lock_acquire")
+                )
             ),
             acquire_fast=render(
                 sql.SQL(_ACQUIRE_FAST).format(

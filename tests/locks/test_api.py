@@ -554,3 +554,17 @@ async def test_stress_tasks_of_two_instances_on_few_keys(
             " WHERE l.locktype = 'advisory' AND a.application_name = 'pgcoord-lock'"
         )
         assert await cur.fetchone() == (0,)
+
+
+async def test_the_lease_counts_from_the_grant_not_from_the_request(
+    make_coord: CoordFactory,
+) -> None:
+    a, b = await two(make_coord)
+    first = await a.lock_manager.acquire("k", ttl=None)
+    waiting = asyncio.create_task(b.lock_manager.acquire("k", ttl=1.0))
+    await asyncio.sleep(1.5)  # longer than the waiter's ttl
+    await first.release()
+    second = await asyncio.wait_for(waiting, 15)
+    assert second.held and not second.lost  # its lease starts when it got the lock
+    await second.extend()
+    await second.release()
