@@ -2,8 +2,9 @@
 
 The server enforces a lease with ``idle_session_timeout`` (whole milliseconds): the holder's
 session ends once it idles that long after its last statement, which frees the lock. The client
-counts its own deadline from the moment it *sent* the statement, and rounds the server's
-timeout *up*, so the client never believes it holds a lock longer than the server grants it.
+counts its own deadline from the moment it *sent* the statement (plus the time the server says
+it waited for the lock), and rounds the server's timeout *up*, so the client never believes it
+holds a lock longer than the server grants it.
 """
 
 from __future__ import annotations

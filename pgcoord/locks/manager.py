@@ -274,7 +274,9 @@ class LockManager(Service):
             lconn.epoch = token >> lease.TOKEN_EPOCH_SHIFT
             # The lease runs from the end of the statement, which was at least `waited` after
             # it was sent: counting from there keeps the client's deadline before the server's.
-            lock = Lock(self, name, advisory_key, gate, lconn, token, ttl, sent_at + row[1])
+            # (Capped by the client's own elapsed time, in case the server's clock was stepped.)
+            waited = min(float(row[1]), lease.now() - sent_at)
+            lock = Lock(self, name, advisory_key, gate, lconn, token, ttl, sent_at + waited)
             self._held.add(lock)
             return lock
         raise AssertionError("unreachable")  # pragma: no cover
