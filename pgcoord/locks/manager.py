@@ -39,6 +39,10 @@ SERVICE_TAG = "locks"
 
 _ADVISORY_CACHE = 4096
 
+# Backoff while the server comes back after a waiting session was lost.
+_RETRY_FIRST = 0.05
+_RETRY_MAX = 1.0
+
 # How long stop() waits for acquisitions it cancelled on the server to come back.
 _STOP_WAIT = 5.0
 
@@ -210,8 +214,17 @@ class LockManager(Service):
         connections = self._connections
         assert connections is not None
         loop = asyncio.get_running_loop()
-        for attempt in range(2):
-            lconn = await connections.get(deadline)
+        recovering_since: float | None = None  # when a waiting session was lost (restart?)
+        backoff = _RETRY_FIRST
+        while True:
+            try:
+                lconn = await connections.get(deadline)
+            except ConnectionFailedError:
+                if not self._may_retry(recovering_since, deadline):
+                    raise
+                await asyncio.sleep(backoff)  # the server is coming back: wait for it
+                backoff = min(backoff * 2, _RETRY_MAX)
+                continue
             if lconn is None:
                 raise LockAcquireError(
                     f"the lock {name!r} was not acquired in time: all {connections.max_size} "
@@ -250,11 +263,18 @@ class LockManager(Service):
                         f"the pgcoord Coordinator stopped while waiting for the lock {name!r}"
                     ) from exc
                 error = _driver.translate(exc, self._rt.dsn)
-                if attempt == 0 and isinstance(error, ConnectionFailedError):
+                if isinstance(error, ConnectionFailedError):
                     # The session died (server restart?) before it got the lock, and its idle
-                    # siblings most likely with it: retry once on a fresh connection.
+                    # siblings most likely with it: go on waiting on a fresh connection, for as
+                    # long as the connect timeout allows the server to come back.
                     connections.drop_idle()
-                    continue
+                    if recovering_since is None:
+                        recovering_since = loop.time()
+                        continue
+                    if self._may_retry(recovering_since, deadline):
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, _RETRY_MAX)
+                        continue
                 raise error from exc
             except BaseException:
                 # Cancelled mid-statement: the lock may or may not have been granted. Closing
@@ -279,7 +299,15 @@ class LockManager(Service):
             lock = Lock(self, name, advisory_key, gate, lconn, token, ttl, sent_at + waited)
             self._held.add(lock)
             return lock
-        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _may_retry(self, recovering_since: float | None, deadline: float | None) -> bool:
+        """Whether an acquisition that lost its session may try again after a connection error."""
+        if recovering_since is None or self._stopping or not self._rt.running:
+            return False  # a first failure to connect is the caller's to see, at once
+        now = asyncio.get_running_loop().time()
+        if deadline is not None and now >= deadline:
+            return False
+        return now - recovering_since < self._rt.connect_timeout
 
     async def _after_lock_timeout(self, lconn: LockConnection) -> None:
         """Make a session whose wait hit ``lock_timeout`` fit for reuse, or drop it.

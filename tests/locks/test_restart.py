@@ -25,10 +25,18 @@ async def test_tokens_keep_increasing_across_an_immediate_restart(
         before.append(lock.token)
         await lock.release()
     held = await locks.acquire("held", ttl=300)
+    other = await make_coord(app=APP)
+    waiter = asyncio.create_task(other.lock_manager.acquire("held"))
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
 
     await asyncio.to_thread(pg.restart, "immediate")
 
     await wait_for(lambda: held.lost)  # its session died with the server
+    # The waiter's session died too; it retried on a fresh one and got the now free lock.
+    waited = await asyncio.wait_for(waiter, 30)
+    assert waited.token > held.token
+    await waited.release()
     after = await locks.acquire("k")  # the idle lock connection died too: a fresh one is used
     assert after.token > max(before)
     # The crash reset the UNLOGGED token sequence; the durable epoch moved past it.
