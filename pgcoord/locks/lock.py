@@ -53,9 +53,8 @@ class Lock:
 
     The lease: unless released or extended within ``ttl`` seconds of the last acquire/extend, the
     server ends the holder's session, which frees the lock for others even if this process is
-    frozen or cut off. ``lost`` turns true no later than that (counted from when the request was
-    sent, so this side never believes it holds longer than the server grants), or at once when the
-    session dies. A lost lock cannot be extended (:class:`LockLostError`) and releasing it does
+    frozen or cut off. ``lost`` turns true no later than that (this side counts conservatively, so
+    it never believes it holds longer than the server grants), or at once when the session dies. A lost lock cannot be extended (:class:`LockLostError`) and releasing it does
     nothing.
     """
 
