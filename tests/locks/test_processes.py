@@ -10,7 +10,7 @@ import pytest
 
 import pgcoord
 from tests.conftest import CoordFactory
-from tests.support import Proc, processes, spawn
+from tests.support import Proc, processes, spawn, terminate_backend
 
 APP = "locktest"  # the workers' app
 
@@ -144,3 +144,22 @@ def test_tokens_strictly_increase_over_1000_acquisitions_from_4_processes(dsn: s
     assert len({worker for worker, _ in rows}) == 4
     # token_log is appended inside the lock, so its order is the order of the holders.
     assert all(earlier < later for earlier, later in itertools.pairwise(tokens))
+
+
+@pytest.mark.slow
+async def test_terminated_holder_session_frees_the_lock_and_the_holder_sees_lost(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord(app=APP)
+    with processes() as procs:
+        holder = serve(dsn, procs)
+        holder.send({"op": "acquire", "key": "k", "ttl": 300})
+        got = holder.expect("acquired")
+        assert terminate_backend(dsn, got["pid"])
+        lock = await coord.lock_manager.try_acquire("k", timeout=10)  # long before the ttl
+        assert lock.token > got["acquired"]
+        holder.send({"op": "wait_lost"})
+        assert holder.expect("lost")["lost"] is True
+        holder.send({"op": "extend", "ttl": 30})
+        assert holder.expect("extend_error")["extend_error"] == "LockLostError"
+        await lock.release()

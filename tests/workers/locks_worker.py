@@ -6,7 +6,8 @@ Modes:
   ``{"op": "try", "key": K, "timeout": S}`` -> ``{"tried": token or null}``;
   ``{"op": "release"}`` -> ``{"released": true}``; ``{"op": "extend", "ttl": T}`` ->
   ``{"extended": true}`` or ``{"extend_error": class name}``; ``{"op": "lost"}`` ->
-  ``{"lost": bool}``; ``{"op": "quit"}``.
+  ``{"lost": bool}``; ``{"op": "wait_lost"}`` waits (10 s at most) for ``lost``, then answers
+  the same; ``{"op": "quit"}``.
 - ``counter KEY N``: after ``go`` on stdin, N read-modify-write increments of ``counter.value``
   (each in its own transaction) under ``run_exclusive(KEY)``; prints ``{"done": N}``.
 - ``tokens KEY N``: after ``go``, N acquisitions of KEY; inside each it appends its token to
@@ -62,6 +63,12 @@ async def serve(coord: pgcoord.Coordinator, stdin: asyncio.StreamReader) -> None
                 emit(extend_error=type(exc).__name__)
         elif op == "lost":
             assert held is not None
+            emit(lost=held.lost)
+        elif op == "wait_lost":  # the API promises `lost` within a second: allow far more
+            assert held is not None
+            deadline = asyncio.get_running_loop().time() + cmd.get("timeout", 10.0)
+            while not held.lost and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
             emit(lost=held.lost)
         elif op == "quit":
             return
