@@ -242,7 +242,9 @@ class Lock:
             lconn = self._lconn
             assert lconn is not None
             try:
-                cur = await lconn.conn.execute(self._manager._queries.release, (self.advisory_key,))
+                cur = await lconn.conn.execute(
+                    self._manager._queries.release, (self.advisory_key,), binary=True
+                )
                 row = await cur.fetchone()
             except BaseException as exc:
                 self._lose(f"release failed ({exc!r})")

@@ -249,7 +249,8 @@ class LockManager(Service):
             self._waiting.add(lconn)
             sent_at = lease.now()
             try:
-                cur = await lconn.conn.execute(query, params)
+                # Binary results: the token and the wait need no text parsing.
+                cur = await lconn.conn.execute(query, params, binary=True)
                 row = await cur.fetchone()
             except psycopg.errors.LockNotAvailable:
                 self._not_waiting(lconn)

@@ -20,11 +20,12 @@ FROM (SELECT pg_advisory_lock(%s), set_config('idle_session_timeout', %s, false)
 WHERE g.armed IS NOT NULL
 """
 
-# Unlock and disarm the lease, in one round trip. The holder row is
+# Unlock and disarm the lease, in one round trip and one boolean (false: it was not held; the
+# session is then dropped, so skipping the disarm on that path is harmless). The holder row is
 # left behind on purpose (the connection's next acquisition reuses or rewrites it): holders()
 # only trusts a row whose backend still holds that advisory key in pg_locks, and skipping the
 # DELETE keeps the uncontended cycle free of writes.
-_RELEASE = "SELECT pg_advisory_unlock(%s), set_config('idle_session_timeout', '0', false)"
+_RELEASE = "SELECT pg_advisory_unlock(%s) AND set_config('idle_session_timeout', '0', false) = '0'"
 
 # A holding's start is the end of its acquiring statement (state_change of the idle session),
 # unless an extend recorded it; the lease counts from the session's last statement.
