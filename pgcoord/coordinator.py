@@ -243,6 +243,7 @@ class Coordinator:
             except Exception:
                 log.exception("pgcoord: stopping %s failed", type(service).__name__)
         rt.running = False
+        await rt.close_kept()
         if rt._listener is not None:
             await rt._listener.stop()
             rt._listener = None

@@ -17,6 +17,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from pgcoord import _driver, names
+from pgcoord._kept import KeptConnections
 from pgcoord.errors import NotRunningError
 from pgcoord.listener import Listener
 
@@ -42,6 +43,8 @@ class Runtime:
         self._pool: AsyncConnectionPool | None = None
         self._listener: Listener | None = None
         self.running = False
+        self._kept = KeptConnections()
+        self._switched: set[int] = set()  # ids of borrowed connections switched to autocommit
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -68,22 +71,57 @@ class Runtime:
                 "the pgcoord Coordinator is not running (not started yet, or stopped)"
             )
 
+    async def acquire(self) -> psycopg.AsyncConnection[Any]:
+        """Borrow an autocommit connection (a kept warm one when there is); give it back with
+        :meth:`release`. Prefer :meth:`connection`; this pair is for the hottest paths."""
+        pool = self.pool
+        conn = self._kept.take(pool)
+        if conn is None:
+            with _driver.translated(self.dsn):
+                conn = await pool.getconn()
+            if not conn.autocommit:
+                # A caller's shared pool may hand out non-autocommit connections; pgcoord's
+                # statements must commit on their own (else the pool would roll them back on
+                # return), so switch for as long as pgcoord has it and restore on the way back.
+                await conn.set_autocommit(True)
+                self._switched.add(id(conn))
+        return conn
+
+    async def release(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Give back a connection from :meth:`acquire` (kept warm for a moment, or pooled)."""
+        pool = self._pool
+        if pool is None or conn.closed:
+            self._switched.discard(id(conn))
+            if pool is not None:
+                await pool.putconn(conn)
+            return
+        if self.running and self._kept.keep(pool, conn):
+            return
+        await self._put_back(pool, conn)
+
+    async def _put_back(
+        self, pool: AsyncConnectionPool, conn: psycopg.AsyncConnection[Any]
+    ) -> None:
+        if id(conn) in self._switched:
+            self._switched.discard(id(conn))
+            if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.set_autocommit(False)
+        await pool.putconn(conn)
+
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """Borrow an autocommit pool connection; psycopg errors come out as pgcoord errors."""
-        async with _driver.pooled(self.pool, self.dsn) as conn:
-            if conn.autocommit:
+        """Borrow an autocommit connection; psycopg errors come out as pgcoord errors."""
+        conn = await self.acquire()
+        try:
+            with _driver.translated(self.dsn):
                 yield conn
-                return
-            # A caller's shared pool may hand out non-autocommit connections; pgcoord's statements
-            # must commit on their own (else the pool would roll them back on return), so switch
-            # for the borrow and give the connection back as it came.
-            await conn.set_autocommit(True)
-            try:
-                yield conn
-            finally:
-                if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
-                    await conn.set_autocommit(False)
+        finally:
+            await self.release(conn)
+
+    async def close_kept(self) -> None:
+        """Give kept connections back to the pool (the Coordinator calls it before closing it)."""
+        await self._kept.close()
 
     def table(self, name: str) -> sql.Identifier:
         """A schema-qualified table identifier for SQL composed with ``psycopg.sql``."""

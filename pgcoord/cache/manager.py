@@ -14,7 +14,6 @@ from pgcoord import names
 from pgcoord.cache import messages, queries
 from pgcoord.cache.cache import Cache
 from pgcoord.cache.cluster_lock import ClusterLocks
-from pgcoord.cache.lane import ConnectionLane
 from pgcoord.cache.memory import MemoryStore
 from pgcoord.cache.near import MISSING, NearCache
 from pgcoord.cache.notifier import Notifier
@@ -93,7 +92,6 @@ class CacheManager(Service):
         self._channel = runtime.channel("cache", "invalidate")
         self._notifier = Notifier(runtime, self._channel)
         self._locks = ClusterLocks(runtime)
-        self._lane = ConnectionLane(runtime)
         self._sweeper: asyncio.Task[None] | None = None
         self._listening = False
         self._seen_reconnects = 0
@@ -155,7 +153,7 @@ class CacheManager(Service):
             backend = memory
         else:
             bound = bound or self._max_entries
-            backend = PostgresStore(self._rt, self._lane, self._queries, ns)
+            backend = PostgresStore(self._rt, self._queries, ns)
             if near_ttl is not None:
                 near = NearCache(near_ttl, self._near_max, serializer.loads)
                 self._near.setdefault(ns, []).append(near)
@@ -409,7 +407,6 @@ class CacheManager(Service):
         self._seen_reconnects = listener.reconnects
         self._clear_near()
         self._listening = True
-        self._lane.start()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="pgcoord-cache-sweeper")
 
     async def _stop(self) -> None:
@@ -427,7 +424,6 @@ class CacheManager(Service):
             await asyncio.gather(*flights, return_exceptions=True)
         await self._notifier.close()
         await self._locks.close()
-        await self._lane.close()
         with contextlib.suppress(Exception):
             await self._rt.listener.unlisten(self._channel, self._on_notify)
 

@@ -9,11 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from psycopg.pq import TransactionStatus
 from psycopg_pool import PoolTimeout
 
 from pgcoord import _driver
-from pgcoord.cache.lane import ConnectionLane
 from pgcoord.cache.patterns import glob_to_like
 from pgcoord.cache.queries import Queries
 from pgcoord.errors import DatabaseError, InvalidInputError
@@ -23,26 +21,19 @@ from pgcoord.runtime import Runtime
 class PostgresStore:
     """Entries of namespace ``ns`` (``"<app>:<prefix>"``) in the cache table."""
 
-    def __init__(self, runtime: Runtime, lane: ConnectionLane, queries: Queries, ns: str) -> None:
+    def __init__(self, runtime: Runtime, queries: Queries, ns: str) -> None:
         self._rt = runtime
-        self._lane = lane
         self._q = queries
         self.ns = ns
 
     async def _run(self, query: bytes, params: Any, fetch: int) -> Any:
         """Run one statement; ``fetch``: 0 nothing, 1 one row (or None), 2 all rows."""
-        # The lane, not pool.connection(): the context managers cost about as much again as the
-        # checkout itself, and the lane keeps a sequential caller on one backend.
-        lane = self._lane
+        # acquire/release rather than a context manager: on a cache hit the context managers'
+        # own cost is measurable. The runtime keeps warm connections between calls.
+        rt = self._rt
         try:
-            conn = await lane.acquire()
-            restore = False
+            conn = await rt.acquire()
             try:
-                if not conn.autocommit:
-                    # A caller's shared pool may hand out non-autocommit connections; these
-                    # statements must commit on their own, else the pool rolls them back.
-                    await conn.set_autocommit(True)
-                    restore = True
                 cur = await conn.execute(query, params)
                 if fetch == 1:
                     return await cur.fetchone()
@@ -50,13 +41,7 @@ class PostgresStore:
                     return await cur.fetchall()
                 return None
             finally:
-                if (
-                    restore
-                    and not conn.closed
-                    and conn.info.transaction_status == TransactionStatus.IDLE
-                ):
-                    await conn.set_autocommit(False)
-                await lane.release(conn)
+                await rt.release(conn)
         except (psycopg.Error, PoolTimeout) as exc:
             raise _driver.translate(exc, self._rt.dsn) from exc
 

@@ -37,7 +37,6 @@ from pgcoord import codec
 from pgcoord import transaction as txn
 from pgcoord.errors import ConnectionFailedError, PgcoordError
 from pgcoord.pubsub import envelope as wire
-from pgcoord.pubsub.lane import Lane
 from pgcoord.pubsub.queries import NOTIFY, SNAPSHOT, Queries
 from pgcoord.pubsub.seen import SeenIds
 from pgcoord.pubsub.subscription import Handler, Subscription
@@ -99,7 +98,6 @@ class Engine:
         self._sweeper: asyncio.Task[None] | None = None
         self._running = False
         self._reconnects = 0
-        self._lane = Lane(rt)
 
     # -- names -----------------------------------------------------------------------------
 
@@ -152,7 +150,6 @@ class Engine:
         await asyncio.gather(*(t for t in tasks if t is not current), return_exceptions=True)
         self._tasks.clear()
         self._snapshots.clear()
-        await self._lane.close()
         with contextlib.suppress(PgcoordError):
             listener = self._rt.listener
             for pg in [self._wake, *self._channels]:
@@ -253,7 +250,7 @@ class Engine:
         attempts = max(_PUBLISH_ATTEMPTS, self._rt.pool.max_size + 1)
         for attempt in range(1, attempts + 1):
             try:
-                async with self._lane.connection() as conn:
+                async with self._rt.connection() as conn:
                     await conn.execute(query, params)
                 return
             except ConnectionFailedError as exc:

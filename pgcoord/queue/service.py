@@ -23,7 +23,6 @@ from pgcoord.queue import deadletters, queries
 from pgcoord.queue.deadletters import FailedJob
 from pgcoord.queue.options import PublishOptions, publish_options, subscribe_options
 from pgcoord.queue.outcomes import Outcomes
-from pgcoord.queue.producer import ProducerConnections
 from pgcoord.queue.throttle import NotifyState
 from pgcoord.queue.worker import Worker
 from pgcoord.runtime import Runtime, Service
@@ -76,7 +75,6 @@ class EventQueue(Service):
         self._workers: dict[str, Worker] = {}
         self._notify: dict[str, NotifyState] = {}
         self._pg_channels: dict[str, str] = {}
-        self._producer = ProducerConnections()
         self._senders: set[asyncio.Task[None]] = set()
         self._outcomes = Outcomes(self._write, self._q)
         # Outcome flushes and lease renewals both lock job rows; one at a time per process
@@ -123,7 +121,6 @@ class EventQueue(Service):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
             self._renewer = None
-        await self._producer.close()
         for task in list(self._senders):
             task.cancel()
         if self._senders:
@@ -357,7 +354,7 @@ class EventQueue(Service):
         pg_channel = self._pg_channel(channel)
         state = self._notify_state(pg_channel)
         if transaction is None:
-            async with self._producer.connection(self._rt.pool, self._rt.dsn) as conn:
+            async with self._rt.connection() as conn:
                 cur = await conn.execute(plain, params)
                 rows = await cur.fetchall()
             # Committed: a NOTIFY sent from now on reveals these jobs to whoever it wakes.
