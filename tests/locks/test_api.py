@@ -445,6 +445,7 @@ async def test_waiters_block_on_the_server_instead_of_polling(
         cur = await conn.execute(
             "SELECT state, wait_event_type, wait_event FROM pg_stat_activity"
             " WHERE application_name LIKE 'pgcoord-lock%%' AND state = 'active'"
+            " AND datname = current_database()"
         )
         rows = await cur.fetchall()
     # One waiting session, parked in the server's lock queue (no client loop re-asking).
@@ -484,7 +485,7 @@ async def test_a_crash_reset_of_the_token_state_starts_a_new_epoch(
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             await conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name LIKE 'pgcoord-lock%%'"
+                " WHERE application_name LIKE 'pgcoord-lock%%' AND datname = current_database()"
             )
             await conn.execute("DELETE FROM pgcoord.lock_epoch_live")
             await conn.execute("ALTER SEQUENCE pgcoord.lock_token_seq RESTART")
@@ -552,6 +553,7 @@ async def test_stress_tasks_of_two_instances_on_few_keys(
         cur = await conn.execute(
             "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
             " WHERE l.locktype = 'advisory' AND a.application_name = 'pgcoord-lock'"
+            " AND a.datname = current_database()"
         )
         assert await cur.fetchone() == (0,)
 
