@@ -148,3 +148,18 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     ordered = sorted(samples)
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
     return statistics.median(ordered), p99
+
+
+async def interleaved(
+    runs: list[Callable[[float], Awaitable[float]]], seconds: float, rounds: int = 4
+) -> list[float]:
+    """Mean rate of each contender, alternating them in short rounds of ``seconds / rounds``.
+
+    The machine is shared and noisy; alternating spreads any drift evenly over the contenders,
+    so their ratio means something even when absolute figures swing.
+    """
+    totals = [0.0] * len(runs)
+    for _ in range(rounds):
+        for i, run_one in enumerate(runs):
+            totals[i] += await run_one(seconds / rounds)
+    return [t / rounds for t in totals]

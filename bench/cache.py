@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
 import redis.asyncio as aioredis
 
 import pgcoord
-from bench._common import BenchContext, rate
+from bench._common import BenchContext, interleaved, rate
 from pgcoord import codec
 
 VALUE = {"user": 42, "name": "Ada", "roles": ["admin", "dev"]}
@@ -62,21 +61,6 @@ class _RawConns:
             await conn.close()
 
 
-async def _interleaved(
-    runs: list[Callable[[float], Awaitable[float]]], seconds: float, rounds: int = 4
-) -> list[float]:
-    """Mean rate of each contender, alternating them in short rounds.
-
-    The machine is shared and noisy; alternating spreads any drift evenly over the contenders,
-    so their ratio means something even when absolute figures swing.
-    """
-    totals = [0.0] * len(runs)
-    for _ in range(rounds):
-        for i, run_one in enumerate(runs):
-            totals[i] += await run_one(seconds / rounds)
-    return [t / rounds for t in totals]
-
-
 async def run(ctx: BenchContext) -> None:
     """Measure and record the rows described in the module docstring."""
     dsn = ctx.fresh_database()
@@ -95,7 +79,7 @@ async def run(ctx: BenchContext) -> None:
         raw_get = _RawConns(dsn, RAW_GET, (ns, "k"))
         raw_set = _RawConns(dsn, RAW_SET, (ns, "k", text))
         for tasks in (1, 8):
-            ours, raw, peer = await _interleaved(
+            ours, raw, peer = await interleaved(
                 [
                     lambda s, t=tasks: rate(lambda: cache.get("k"), s, tasks=t),
                     lambda s, t=tasks: raw_get.rate(t, s),
@@ -119,7 +103,7 @@ async def run(ctx: BenchContext) -> None:
                 baseline_value=peer,
             )
         for tasks in (1, 8):
-            ours, raw, peer = await _interleaved(
+            ours, raw, peer = await interleaved(
                 [
                     lambda s, t=tasks: rate(lambda: cache.set("k", VALUE), s, tasks=t),
                     lambda s, t=tasks: raw_set.rate(t, s),

@@ -22,7 +22,7 @@ import psycopg
 import redis.asyncio as aioredis
 
 import pgcoord
-from bench._common import BenchContext, percentiles, rate
+from bench._common import BenchContext, interleaved, percentiles, rate
 
 MESSAGE = {"event": "record.updated", "collection": "posts", "id": 4242}
 PAYLOAD = pgcoord.codec.encode(MESSAGE)
@@ -59,15 +59,6 @@ async def _latencies(probes: list[Probe], seconds: float, rounds: int = 6) -> li
             while time.perf_counter() < deadline:
                 samples[i].append(await probe())
     return samples
-
-
-async def _rates(runs: list[Callable[[float], Awaitable[float]]], seconds: float) -> list[float]:
-    rounds = 4
-    totals = [0.0] * len(runs)
-    for _ in range(rounds):
-        for i, run_one in enumerate(runs):
-            totals[i] += await run_one(seconds / rounds)
-    return [t / rounds for t in totals]
 
 
 async def run(ctx: BenchContext) -> None:
@@ -198,7 +189,7 @@ async def run(ctx: BenchContext) -> None:
             return await rate(lambda: raw_send.execute(RAW_LOGGED, (pg_channel, PAYLOAD)), seconds)
 
         print("throughput ...", flush=True)
-        pg_r, raw_r, redis_r, sync_r, raw_logged_r = await _rates(
+        pg_r, raw_r, redis_r, sync_r, raw_logged_r = await interleaved(
             [pgcoord_rate, raw_rate, redis_rate, sync_rate, raw_logged_rate], ctx.seconds * 2
         )
         ctx.row(
