@@ -60,12 +60,19 @@ class EventQueue(Service):
         "queue_notify_gap": 0.005,
         "queue_txn_notify_window": 0.01,
         "queue_vacuum_every": 50_000,
+        # Claims of one job that may end with no outcome (its worker died, froze past the
+        # lease, or was stopped) before the job is dead-lettered: a job that crashes every
+        # worker that runs it must not be rescued forever.
+        "queue_max_interruptions": 10,
     }
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
         self._lease = check_positive(self.option("queue_lease"), "queue_lease")
         self._grace = check_non_negative(self.option("queue_grace"), "queue_grace")
+        self._max_interruptions = check_int(
+            self.option("queue_max_interruptions"), "queue_max_interruptions", minimum=1
+        )
         self._batch = check_int(self.option("queue_batch"), "queue_batch", minimum=1)
         self._gap = check_non_negative(self.option("queue_notify_gap"), "queue_notify_gap")
         self._txn_window = check_non_negative(

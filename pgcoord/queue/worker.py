@@ -219,7 +219,21 @@ class Worker:
     # -- running ---------------------------------------------------------------------------
 
     def _launch(self, row: tuple[Any, ...]) -> None:
-        job = RunningJob(row[0], row[1])
+        job_id, attempt, retried = row[0], row[1], row[2]
+        # Every claim adds one to `attempt`, every retry one to `retried`: the claims that
+        # ended with no outcome at all (worker killed, frozen past its lease, or stopped).
+        interrupted = attempt - retried - 1
+        if interrupted >= self.queue._max_interruptions:
+            error = (
+                f"JobInterrupted: job {job_id} was claimed {interrupted} times without an outcome "
+                "(its worker died, froze past the lease, or stopped); it may be crashing its "
+                "workers, so it is dead-lettered instead of run again"
+            )
+            log.error("pgcoord queue %r: %s", self.channel, error)
+            self.queue._outcomes.fail(job_id, attempt, error, "")
+            self.slot.set()
+            return
+        job = RunningJob(job_id, attempt)
         stale = self.running.get(job.id)
         if stale is not None:
             # Our own earlier try of this job outlived its lease (the process was frozen) and

@@ -537,3 +537,21 @@ async def test_a_running_job_keeps_its_lease_past_the_lease_length(
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
     assert runs == [("first", 1)]
+
+
+async def test_a_job_that_keeps_killing_its_workers_is_dead_lettered(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord(queue_max_interruptions=3)
+    queue = coord.event_queue
+    job_id = await queue.publish("poison", {"boom": True})
+    # The history a job has after three workers died while running it: three claims, no
+    # outcome (the kill -9 rescue tests cover how such claims happen for real).
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE pgcoord.queue_jobs SET attempt = attempt + 3 WHERE id = %s", (job_id,))
+    ran: list[Any] = []
+    await queue.subscribe("poison", process=lambda message, ctx: ran.append(message))
+    await _until(lambda: _rows(dsn, "SELECT id FROM pgcoord.queue_failed") == [(job_id,)])
+    assert ran == []
+    [failed] = await queue.failed_jobs("poison")
+    assert "JobInterrupted" in failed.error and "claimed 3 times" in failed.error
