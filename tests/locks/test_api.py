@@ -129,7 +129,7 @@ async def test_terminated_session_frees_the_lock_and_the_holder_sees_lost(
     assert lock.backend_pid is not None
     assert terminate_backend(dsn, lock.backend_pid)
     await wait_for(lambda: lock.lost)
-    other = await b.lock_manager.try_acquire("k", timeout=10)
+    other = await b.lock_manager.try_acquire("k", timeout=2.0)  # the bound
     with pytest.raises(pgcoord.LockLostError):
         await lock.extend()
     await lock.release()  # no-op

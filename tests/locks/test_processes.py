@@ -73,9 +73,10 @@ async def test_kill_9_of_the_holder_frees_the_lock(make_coord: CoordFactory, dsn
         holder.expect("acquired")
         with pytest.raises(pgcoord.LockAcquireError):
             await coord.lock_manager.try_acquire("k")
-        holder.kill()
-        # The lease is 300 s: getting the lock now proves the crash itself freed it.
-        lock = await coord.lock_manager.try_acquire("k", timeout=5)
+        holder.kill()  # returns once the process is gone
+        # The lease is 300 s: getting the lock now proves the crash itself freed it, and the
+        # issue's bound is that others get it within 2 s of the holder's death.
+        lock = await coord.lock_manager.try_acquire("k", timeout=2.0)
         await lock.release()
 
 
@@ -156,7 +157,8 @@ async def test_terminated_holder_session_frees_the_lock_and_the_holder_sees_lost
         holder.send({"op": "acquire", "key": "k", "ttl": 300})
         got = holder.expect("acquired")
         assert terminate_backend(dsn, got["pid"])
-        lock = await coord.lock_manager.try_acquire("k", timeout=10)  # long before the ttl
+        # Long before the ttl, and within the 2 s of the session's end.
+        lock = await coord.lock_manager.try_acquire("k", timeout=2.0)
         assert lock.token > got["acquired"]
         holder.send({"op": "wait_lost"})
         assert holder.expect("lost")["lost"] is True
