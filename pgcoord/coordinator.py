@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgcoord import _driver
 from pgcoord import migrate as migrations
 from pgcoord.cache import CacheManager
-from pgcoord.errors import InvalidTypeError, NotRunningError
+from pgcoord.errors import InvalidTypeError, NotRunningError, UnsupportedServerError
 from pgcoord.listener import Listener
 from pgcoord.locks import LockManager
 from pgcoord.pubsub import Plugin, PubSubManager, SyncMessageManager
@@ -26,6 +26,8 @@ from pgcoord.validation import check_identifier, check_int, check_positive
 log = logging.getLogger("pgcoord")
 
 DSN_ENV = "PGCOORD_DSN"
+#: The oldest server pgcoord runs on (PostgreSQL 15).
+MIN_SERVER_VERSION = 150000
 
 _SERVICE_CLASSES: tuple[type[Service], ...] = (
     LockManager,
@@ -191,6 +193,13 @@ class Coordinator:
         listener = Listener(dsn, connect_timeout=rt.connect_timeout, heartbeat=self._heartbeat)
         rt._listener = listener
         await listener.connect()
+        version = listener.server_version or 0
+        if version < MIN_SERVER_VERSION:
+            raise UnsupportedServerError(
+                f"pgcoord needs PostgreSQL >= 15 (UNLOGGED sequences for lock tokens, "
+                f"idle_session_timeout for lock leases); {_driver.describe_server(dsn)} runs "
+                f"{version // 10000}.{version % 10000}"
+            )
         if self._external_pool is not None:
             pool = self._external_pool
         else:

@@ -43,6 +43,10 @@ class NotRunningError(PgcoordError):
     """The Coordinator was not started yet, or has been stopped."""
 
 
+class UnsupportedServerError(PgcoordError):
+    """The PostgreSQL server is older than pgcoord supports (15)."""
+
+
 class EmbeddedServerError(PgcoordError):
     """The embedded PostgreSQL server could not be started (or its package is missing)."""
 
@@ -87,4 +91,5 @@ __all__ = [
     "PayloadTooLargeError",
     "PgcoordError",
     "SchemaOutdatedError",
+    "UnsupportedServerError",
 ]

@@ -112,6 +112,11 @@ class Listener:
             else None
         )
 
+    @property
+    def server_version(self) -> int | None:
+        """The server's version number (e.g. 150004), known once connected."""
+        return self._conn.info.server_version if self._conn is not None else None
+
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the listener is connected and listening (raises TimeoutError)."""
         await asyncio.wait_for(self._connected.wait(), timeout)

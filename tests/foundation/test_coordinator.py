@@ -197,3 +197,19 @@ async def test_a_shared_non_autocommit_pool_still_commits_pgcoords_writes(dsn: s
             assert check.execute("SELECT x FROM shared_pool_probe").fetchall() == [(1,)]
     finally:
         await pool.close()
+
+
+async def test_a_server_older_than_supported_is_refused_clearly(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No PostgreSQL 14 here: raise the floor above the real server instead.
+    monkeypatch.setattr(pgcoord.coordinator, "MIN_SERVER_VERSION", 10**7)
+    coord = pgcoord.Coordinator(dsn)
+    with pytest.raises(pgcoord.UnsupportedServerError, match="needs PostgreSQL >= 15"):
+        await coord.start()
+    assert not coord.running
+    for _ in range(50):
+        if backends(dsn) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert backends(dsn) == 0
