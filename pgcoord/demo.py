@@ -156,7 +156,8 @@ async def run_demo(*, dsn: str | None, instances: int = 2) -> int:
     for report in sorted(reports, key=lambda r: r["instance"]):
         peers_ok = len(report["heard"]) == instances - 1
         sync_ok = report["sync_messages"] >= instances - 1
-        ok = ok and peers_ok and sync_ok
+        jobs_ok = report["jobs_done_cluster"] == instances * _JOBS_PER_INSTANCE
+        ok = ok and peers_ok and sync_ok and jobs_ok
         print(
             f"pgcoord demo: {report['instance']} heard {len(report['heard'])}/{instances - 1} peers, "
             f"got {report['sync_messages']} sync messages, saw counter={report['counter']}, "

@@ -26,3 +26,5 @@ def test_demo_instances_exchange_messages_through_postgres(empty_dsn: str) -> No
         assert f"instance-{n} heard 2/2 peers" in out
     # Three instances each incremented the lock-protected counter exactly once.
     assert "incremented the shared counter to 3" in out
+    # The instances drained the shared queue: every job ran exactly once across the cluster.
+    assert out.count("queue: ran job") == 15
