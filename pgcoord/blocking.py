@@ -73,6 +73,10 @@ def _has_coroutine_methods(obj: object) -> bool:
     )
 
 
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
 class BlockingProxy:
     """Wraps a pgcoord object: coroutine methods block, async context managers become sync ones,
     returned pgcoord service objects (caches, locks) are wrapped the same way, and plain
@@ -98,14 +102,25 @@ class BlockingProxy:
         if not callable(attr):
             return self._wrap(attr)
 
+        if not inspect.iscoroutinefunction(attr):
+            # Plain methods (create_cache, xact_lock_sync, publish_sync...) run in the caller's
+            # thread: one that waits on a sync connection must block its caller, never the
+            # loop that runs the listener, leases and workers.
+            @functools.wraps(attr)
+            def call_here(*args: Any, **kwargs: Any) -> Any:
+                result = attr(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    awaitable = result
+                    result = self._loop.run(lambda: _await(awaitable))
+                return self._wrap(result)
+
+            return call_here
+
         @functools.wraps(attr)
         def call(*args: Any, **kwargs: Any) -> Any:
             async def on_loop() -> Any:
                 # Called on the loop thread: methods that start tasks find a running loop.
-                result = attr(*args, **kwargs)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
+                return await attr(*args, **kwargs)
 
             return self._wrap(self._loop.run(on_loop))
 

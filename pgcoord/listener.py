@@ -196,17 +196,23 @@ class Listener:
                 backoff = min(max(backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
 
     async def _apply_channels(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        wanted = set(self._callbacks)
-        statements = [
-            sql.SQL("LISTEN {}").format(sql.Identifier(c)) for c in sorted(wanted - self._active)
-        ]
-        statements += [
-            sql.SQL("UNLISTEN {}").format(sql.Identifier(c)) for c in sorted(self._active - wanted)
-        ]
-        if statements:
+        # Repeat until nothing changed meanwhile: a listen() made while a LISTEN was in flight
+        # must not be released before its own channel is active.
+        while True:
+            wanted = set(self._callbacks)
+            if wanted == self._active:
+                break
+            statements = [
+                sql.SQL("LISTEN {}").format(sql.Identifier(c))
+                for c in sorted(wanted - self._active)
+            ]
+            statements += [
+                sql.SQL("UNLISTEN {}").format(sql.Identifier(c))
+                for c in sorted(self._active - wanted)
+            ]
             # No parameters, so psycopg sends them as one simple-protocol round trip.
             await conn.execute(sql.SQL("; ").join(statements))
-        self._active = wanted
+            self._active = wanted
         self._release_waiters()
 
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:

@@ -79,23 +79,32 @@ class Runtime:
         if conn is None:
             with _driver.translated(self.dsn):
                 conn = await pool.getconn()
-            if not conn.autocommit:
-                # A caller's shared pool may hand out non-autocommit connections; pgcoord's
-                # statements must commit on their own (else the pool would roll them back on
-                # return), so switch for as long as pgcoord has it and restore on the way back.
-                await conn.set_autocommit(True)
-                self._switched.add(id(conn))
+                if not conn.autocommit:
+                    # A caller's shared pool may hand out non-autocommit connections; pgcoord's
+                    # statements must commit on their own (else the pool would roll them back
+                    # on return), so switch while pgcoord has it and restore on the way back.
+                    try:
+                        await conn.set_autocommit(True)
+                    except BaseException:
+                        await pool.putconn(conn)
+                        raise
+                    self._switched.add(id(conn))
         return conn
 
     async def release(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Give back a connection from :meth:`acquire` (kept warm for a moment, or pooled)."""
         pool = self._pool
-        if pool is None or conn.closed:
+        if pool is None:
+            # Returned after stop() let go of the pool: nobody can take it back, so close it.
             self._switched.discard(id(conn))
-            if pool is not None:
-                await pool.putconn(conn)
+            await conn.close()
             return
-        if self.running and self._kept.keep(pool, conn):
+        if conn.closed:
+            self._switched.discard(id(conn))
+            await pool.putconn(conn)
+            return
+        # A connection switched to autocommit is never kept: only _put_back restores it.
+        if self.running and id(conn) not in self._switched and self._kept.keep(pool, conn):
             return
         await self._put_back(pool, conn)
 

@@ -64,6 +64,10 @@ def sync_connection(transaction: object) -> psycopg.Connection[Any]:
     if isinstance(conn, Session):
         conn = conn.connection()  # begins the session's transaction if needed
     if isinstance(conn, SAConnection):
+        if not conn.in_transaction():
+            # Make SQLAlchemy own the transaction our statements open on its connection;
+            # otherwise the caller's commit() would be a no-op and the effect rolled back.
+            conn.begin()
         conn = _driver_of(conn.connection.dbapi_connection)
     if isinstance(conn, psycopg.Connection):
         _check_open(conn)
@@ -94,6 +98,8 @@ async def any_connection(
         if isinstance(conn, sa_async_session):
             conn = await conn.connection()
         if isinstance(conn, sa_async_connection):
+            if not conn.in_transaction():
+                await conn.begin()  # as for a sync Connection: the caller's commit must count
             driver = _driver_of(await conn.get_raw_connection())
             _check_open(driver)
             return driver

@@ -142,3 +142,18 @@ async def test_listener_recovers_after_a_server_restart(
             await asyncio.sleep(0.1)
     async with coord.pool.connection() as conn:
         assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
+
+
+async def test_concurrent_listens_are_all_active_when_they_return(
+    coord: pgcoord.Coordinator, dsn: str
+) -> None:
+    got: list[str] = []
+    channels = [f"pgcoord_test_many_{n}" for n in range(8)]
+    await asyncio.gather(
+        *(coord.listener.listen(c, lambda ch, p: got.append(ch)) for c in channels)
+    )
+    # Every listen() has returned: a message sent now on any of them must arrive.
+    for channel in channels:
+        await notify(dsn, channel, "x")
+    await wait_for(lambda: len(got) == len(channels))
+    assert sorted(got) == sorted(channels)

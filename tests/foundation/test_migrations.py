@@ -203,3 +203,11 @@ def test_the_wheel_carries_the_migrations(tmp_path: Path, empty_dsn: str) -> Non
         assert conn.execute(f"SELECT version_num FROM pgcoord.{VERSION_TABLE}").fetchone() == (
             migrate.head_revision(),
         )
+
+
+@pytest.mark.parametrize("schema", ["Upper", "bad'quote", "", "x" * 33])
+def test_migrations_refuse_schema_names_the_coordinator_would_refuse(schema: str) -> None:
+    with pytest.raises(ValueError, match="schema"):
+        migrate.upgrade("postgresql://127.0.0.1:1/unused", schema)
+    with pytest.raises(ValueError, match="schema"):
+        migrate.upgrade_sql(schema)

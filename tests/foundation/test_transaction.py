@@ -144,3 +144,28 @@ async def test_async_connection_in_the_sync_api_is_refused(probe: str) -> None:
     async with await psycopg.AsyncConnection.connect(probe) as conn:
         with pytest.raises(TypeError, match="async"):
             transaction.execute_sync(conn, INSERT, ("x",))
+
+
+def test_a_sqlalchemy_connection_that_began_nothing_still_commits_the_effect(probe: str) -> None:
+    engine = sa_engine(probe)
+    try:
+        with engine.connect() as conn:
+            assert not conn.in_transaction()
+            transaction.execute_sync(conn, INSERT, ("committed",))
+            conn.commit()
+        with engine.connect() as conn:
+            transaction.execute_sync(conn, INSERT, ("never committed",))
+    finally:
+        engine.dispose()
+    assert labels(probe) == ["committed"]
+
+
+async def test_an_async_sqlalchemy_connection_that_began_nothing_still_commits(probe: str) -> None:
+    engine = sa_async_engine(probe)
+    try:
+        async with engine.connect() as conn:
+            await transaction.execute(conn, INSERT, ("committed",))
+            await conn.commit()
+    finally:
+        await engine.dispose()
+    assert labels(probe) == ["committed"]
