@@ -180,12 +180,34 @@ class Engine:
                 return
         sub = Subscription(channel, handler, debounce)
         subs.append(sub)
-        if self._running:
-            sub.open()
+        if not self._running:
+            return
+        sub.open()
+        try:
             if new_channel:
                 await self._rt.listener.listen(pg, self.on_notify)
                 if durable:
                     self._snapshots[pg] = await self._snapshot()
+        except BaseException:
+            # Undo the registration: a live handler without its LISTEN or snapshot would miss
+            # messages (catch-up skips a channel with no snapshot) and a retried subscribe()
+            # would return early as a duplicate.
+            await self._forget(pg, ch, channel, sub)
+            raise
+
+    async def _forget(self, pg: str, ch: _Channel, channel: str, sub: Subscription) -> None:
+        subs = ch.subs.get(channel, [])
+        if sub in subs:
+            subs.remove(sub)
+        await sub.close()
+        if not subs:
+            ch.subs.pop(channel, None)
+        if not ch.subs and self._channels.get(pg) is ch:
+            del self._channels[pg]
+            self._snapshots.pop(pg, None)
+            if self._running:
+                with contextlib.suppress(PgcoordError):
+                    await self._rt.listener.unlisten(pg, self.on_notify)
 
     async def unsubscribe(self, tag: str, channel: str, handler: Handler) -> None:
         """Stop calling ``handler`` for ``channel`` (no error if it was not subscribed)."""
@@ -319,7 +341,17 @@ class Engine:
         try:
             while self._pipeline:
                 head = self._pipeline[0]
-                ready = head if isinstance(head, list) else await head
+                if isinstance(head, list):
+                    ready = head
+                else:
+                    try:
+                        ready = await head
+                    except Exception:
+                        # A read that failed unexpectedly must not stay at the head: every
+                        # later message would queue behind it forever. Its messages are lost
+                        # (logged); the rest of the pipeline goes on.
+                        log.exception("pgcoord: reading messages failed; dropped them")
+                        ready = []
                 self._pipeline.popleft()
                 if self._running:
                     self._deliver(ready)
