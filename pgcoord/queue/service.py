@@ -80,6 +80,12 @@ class EventQueue(Service):
         )
         self._q = queries.build(runtime.schema)
         self._workers: dict[str, Worker] = {}
+        #: Unsubscribed workers still in their grace period: their running jobs' leases must
+        #: still be renewed, or another instance may run those jobs at the same time.
+        self._draining: set[Worker] = set()
+        # Waiter refreshes and deletes one at a time: a refresh in flight must not upsert a
+        # row back after a stopping worker deleted it.
+        self._waiter_lock = asyncio.Lock()
         self._notify: dict[str, NotifyState] = {}
         self._pg_channels: dict[str, str] = {}
         self._senders: set[asyncio.Task[None]] = set()
@@ -105,6 +111,7 @@ class EventQueue(Service):
         self._outcomes = Outcomes(self._write, self._q)
         self._outcomes.start()
         self._write_lock = asyncio.Lock()
+        self._waiter_lock = asyncio.Lock()
         self._renewer = asyncio.create_task(self._renew_loop(), name="pgcoord-queue-leases")
         self._started = True
         for worker in self._workers.values():
@@ -149,7 +156,11 @@ class EventQueue(Service):
         worker.start()
 
     async def _deactivate(self, worker: Worker) -> list[tuple[int, int]]:
-        jobs = await worker.stop(self._grace)
+        self._draining.add(worker)
+        try:
+            jobs = await worker.stop(self._grace)
+        finally:
+            self._draining.discard(worker)
         await self._delete_waiter(worker.channel)
         with contextlib.suppress(PgcoordError):
             await self._rt.listener.unlisten(worker.pg_channel, worker.on_notify)
@@ -197,8 +208,11 @@ class EventQueue(Service):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._outcomes.drain(), max(self._rt.connect_timeout, 1.0))
         if jobs:
-            async with self._rt.connection() as conn:
-                await conn.execute(self._q.notify, (worker.pg_channel,))
+            # Only a hint for other instances (they poll anyway): a database that is down now
+            # must not turn an unsubscribe that did its work into an error.
+            with contextlib.suppress(PgcoordError):
+                async with self._rt.connection() as conn:
+                    await conn.execute(self._q.notify, (worker.pg_channel,))
 
     def subscribed(self) -> list[str]:
         """The channels this instance consumes."""
@@ -443,15 +457,19 @@ class EventQueue(Service):
 
     async def _delete_waiter(self, channel: str) -> None:
         with contextlib.suppress(PgcoordError):
-            async with self._rt.connection() as conn:
+            async with self._waiter_lock, self._rt.connection() as conn:
                 await conn.execute(
                     self._q.waiter_delete, (self._rt.app, channel, self._rt.instance_id)
                 )
 
     async def _refresh_waiters(self) -> None:
-        known = [w for w in self._workers.values() if w.idle_state is not None]
-        if not known:
-            return
+        async with self._waiter_lock:
+            # Chosen under the lock: a worker that stopped meanwhile has idle_state None.
+            known = [w for w in self._workers.values() if w.idle_state is not None]
+            if known:
+                await self._write_waiters(known)
+
+    async def _write_waiters(self, known: list[Worker]) -> None:
         async with self._rt.connection() as conn:
             await conn.execute(
                 self._q.waiter_refresh,
@@ -501,36 +519,44 @@ class EventQueue(Service):
         while True:
             await asyncio.sleep(every)
             try:
-                await self._refresh_waiters()
-            except PgcoordError as exc:
-                log.warning("pgcoord queue: refreshing worker registrations failed (%s)", exc)
-            held = [
-                (job.id, job.attempt, worker)
-                for worker in self._workers.values()
-                for job in list(worker.running.values())
-            ]
-            if not held:
+                await self._renew_once()
+            except Exception:
+                # Whatever went wrong, leases must keep being renewed: one failed round is
+                # harmless (a lease lasts three rounds), a dead renewer is not.
+                log.exception("pgcoord queue: lease renewal round failed; retrying")
+
+    async def _renew_once(self) -> None:
+        try:
+            await self._refresh_waiters()
+        except PgcoordError as exc:
+            log.warning("pgcoord queue: refreshing worker registrations failed (%s)", exc)
+        held = [
+            (job.id, job.attempt, worker)
+            for worker in set(self._workers.values()) | self._draining
+            for job in list(worker.running.values())
+        ]
+        if not held:
+            return
+        ids = [h[0] for h in held]
+        attempts = [h[1] for h in held]
+        try:
+            async with self._write_lock, self._rt.connection() as conn:
+                cur = await conn.execute(self._q.renew, (self._lease, ids, attempts))
+                kept = {r[0] for r in await cur.fetchall()}
+        except PgcoordError as exc:
+            log.warning("pgcoord queue: renewing leases failed (%s); retrying", exc)
+            return
+        for job_id, attempt, worker in held:
+            if job_id in kept:
                 continue
-            ids = [h[0] for h in held]
-            attempts = [h[1] for h in held]
-            try:
-                async with self._write_lock, self._rt.connection() as conn:
-                    cur = await conn.execute(self._q.renew, (self._lease, ids, attempts))
-                    kept = {r[0] for r in await cur.fetchall()}
-            except PgcoordError as exc:
-                log.warning("pgcoord queue: renewing leases failed (%s); retrying", exc)
-                continue
-            for job_id, attempt, worker in held:
-                if job_id in kept:
-                    continue
-                job = worker.running.get(job_id)
-                if job is not None and job.attempt == attempt:
-                    # Another worker claimed it after our lease ran out: stop working on it.
-                    log.warning("pgcoord job %s: lease lost to another worker; cancelling", job_id)
-                    job.lost = True
-                    job.signal.set("lost")
-                    if job.task is not None:
-                        job.task.cancel()
+            job = worker.running.get(job_id)
+            if job is not None and job.attempt == attempt:
+                # Another worker claimed it after our lease ran out: stop working on it.
+                log.warning("pgcoord job %s: lease lost to another worker; cancelling", job_id)
+                job.lost = True
+                job.signal.set("lost")
+                if job.task is not None:
+                    job.task.cancel()
 
     # -- dead letters and introspection ----------------------------------------------------
 

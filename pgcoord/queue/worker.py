@@ -97,6 +97,8 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._task
             self._task = None
+        # The caller deletes our queue_waiters row next: the renewer must not write it back.
+        self.idle_state = None
         tasks = [job.task for job in self.running.values() if job.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)

@@ -1,0 +1,135 @@
+"""Regression tests for lease renewal, waiter rows and fencing found in review.
+
+Each waits for an event (generously), never asserts a speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import pgcoord
+from tests.conftest import CoordFactory
+
+
+def _rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+async def _until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+def _lease_end(dsn: str, job: int) -> Any:
+    return _rows(dsn, "SELECT run_at FROM pgcoord.queue_jobs WHERE id = %s", job)[0][0]
+
+
+async def test_leases_are_renewed_during_the_unsubscribe_grace_period(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord(queue_lease=1.0, queue_grace=60.0)
+    eq = coord.event_queue
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        started.set()
+        await release.wait()
+
+    await eq.subscribe("grace", process=process)
+    job = await eq.publish("grace", 1)
+    await asyncio.wait_for(started.wait(), 10)
+    unsubscribing = asyncio.create_task(eq.unsubscribe("grace"))
+    await asyncio.sleep(0)
+    first = _lease_end(dsn, job)
+    try:
+        # The job still runs here: its lease must keep moving, or another instance takes it.
+        await _until(lambda: _lease_end(dsn, job) > first, timeout=8.0)
+    finally:
+        release.set()
+        await unsubscribing
+    assert _rows(dsn, "SELECT count(*) FROM pgcoord.queue_jobs") == [(0,)]
+
+
+async def test_lease_renewal_survives_an_unexpected_error(
+    make_coord: CoordFactory, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coord = await make_coord(queue_lease=1.0)
+    eq = coord.event_queue
+    refresh = eq._refresh_waiters
+    rounds = 0
+
+    async def flaky() -> None:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 1:
+            raise RuntimeError("not a database error")
+        await refresh()
+
+    monkeypatch.setattr(eq, "_refresh_waiters", flaky)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        started.set()
+        await release.wait()
+
+    await eq.subscribe("renew", process=process)
+    job = await eq.publish("renew", 1)
+    await asyncio.wait_for(started.wait(), 10)
+    await _until(lambda: rounds >= 2, timeout=8.0)
+    first = _lease_end(dsn, job)
+    await _until(lambda: _lease_end(dsn, job) > first, timeout=8.0)
+    release.set()
+    await eq.flush()
+
+
+async def test_a_renewal_after_stop_does_not_bring_the_waiter_row_back(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord()
+    eq = coord.event_queue
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        pass
+
+    await eq.subscribe("wait", process=process)
+    count = "SELECT count(*) FROM pgcoord.queue_waiters WHERE channel = 'wait'"
+    await _until(lambda: _rows(dsn, count) == [(1,)])
+    await eq._deactivate(eq._workers["wait"])  # what stop() does per worker
+    assert _rows(dsn, count) == [(0,)]
+    await eq._refresh_waiters()  # a renewer round that comes after the delete
+    assert _rows(dsn, count) == [(0,)]
+
+
+async def test_unsubscribe_does_not_raise_when_the_release_notify_fails(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord(queue_grace=0.0)
+    eq = coord.event_queue
+    started = asyncio.Event()
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    await eq.subscribe("note", process=process)
+    job = await eq.publish("note", 1)
+    await asyncio.wait_for(started.wait(), 10)
+    # The wake-up NOTIFY for released jobs fails in the server (as when it is unreachable).
+    eq._q = dataclasses.replace(eq._q, notify=sql.SQL("SELECT pg_notify(%s, (1 / 0)::text)"))
+    await eq.unsubscribe("note")
+    assert eq.subscribed() == []
+    # The job was still released: ready again at once for any instance.
+    assert _rows(dsn, "SELECT id, worker FROM pgcoord.queue_jobs") == [(job, None)]
