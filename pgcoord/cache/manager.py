@@ -346,30 +346,36 @@ class CacheManager(Service):
         return deleted
 
     async def _locked(self, conn: psycopg.AsyncConnection[Any], key: int) -> bool:
-        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+        # Transaction-scoped, never session-level: the lock ends with the caller's transaction
+        # whatever interrupts it (an error, or cancellation at stop between the server granting
+        # it and us reading the answer). A session lock would then go back to a shared pool
+        # still held, and every instance's sweep would be skipped while that connection lives.
+        cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,))
         row = await cur.fetchone()
         return bool(row and row[0])
 
     async def _sweep_expired(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        if not await self._locked(conn, self._sweep_key):
-            return 0  # another instance is sweeping right now
         total = 0
-        try:
-            for _ in range(_SWEEP_MAX_BATCHES):
+        for _ in range(_SWEEP_MAX_BATCHES):
+            # One short transaction per batch, so deletions commit as they go; another
+            # instance may take over between batches, which only shares the work.
+            async with conn.transaction():
+                if not await self._locked(conn, self._sweep_key):
+                    break  # another instance is sweeping right now
                 cur = await conn.execute(self._queries.sweep, (self._sweep_batch,))
-                total += max(cur.rowcount, 0)
-                if cur.rowcount < self._sweep_batch:
-                    break
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(%s)", (self._sweep_key,))
+            total += max(cur.rowcount, 0)
+            if cur.rowcount < self._sweep_batch:
+                break
         return total
 
     async def _evict(self, conn: psycopg.AsyncConnection[Any], ns: str, bound: int) -> int:
         lock = names.advisory_key(self._rt.schema, "*", "cache-evict", ns)
-        if not await self._locked(conn, lock):
-            return 0
         total = 0
-        try:
+        # Count and delete under one lock: two evictors counting the same excess would each
+        # delete it, evicting twice as much as needed.
+        async with conn.transaction():
+            if not await self._locked(conn, lock):
+                return 0
             cur = await conn.execute(self._queries.count, (ns,))
             row = await cur.fetchone()
             excess = (int(row[0]) if row else 0) - bound
@@ -380,8 +386,6 @@ class CacheManager(Service):
                     break
                 total += cur.rowcount
                 excess -= cur.rowcount
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(%s)", (lock,))
         if total:
             # Evicted keys are unknown here: drop the namespace from every near cache.
             self._invalidate_local(ns, None)
