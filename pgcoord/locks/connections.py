@@ -36,8 +36,13 @@ log = logging.getLogger("pgcoord.locks")
 # Only UNLOGGED bookkeeping is written on lock connections, so their commits need not wait for a
 # WAL flush (the epoch bump forces a synchronous commit for itself). The app and instance are
 # session settings, read by lock_acquire when it records a holder: fewer parameters per call.
+# A lock_timeout or statement_timeout that the database or role sets would cut short an
+# acquire() that promises to wait as long as it takes: both are off on lock sessions (a
+# try_acquire with a timeout sets its own lock_timeout, transaction-local, inside lock_acquire).
 _SETUP = (
     "SELECT set_config('synchronous_commit', 'off', false),"
+    " set_config('lock_timeout', '0', false),"
+    " set_config('statement_timeout', '0', false),"
     " set_config('application_name', %s, false),"
     " set_config('pgcoord.app', %s, false),"
     " set_config('pgcoord.instance_id', %s, false)"
@@ -137,6 +142,7 @@ class LockConnections:
         )
         self._reaper: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._opening: set[asyncio.Task[psycopg.AsyncConnection[Any]]] = set()
         self._closed = False
 
     @property
@@ -158,8 +164,7 @@ class LockConnections:
         """A connection for one lock; None when none is free by ``deadline`` (loop time)."""
         loop = asyncio.get_running_loop()
         while True:
-            if self._closed:
-                raise NotRunningError("the pgcoord Coordinator is stopping or stopped")
+            self._check_open()
             if self._idle:
                 # Only healthy connections are put back; one that died idle since then fails
                 # at its next statement, and the acquisition retries on a fresh connection.
@@ -199,18 +204,51 @@ class LockConnections:
             waiter.cancel()
 
     async def _open_slot(self) -> LockConnection:
+        # The connecting runs in a task of its own that close() can cancel: an acquisition
+        # still connecting when the Coordinator stops must not come back with a fresh session
+        # afterwards (and close() must not return while a connection is still being opened).
         try:
-            conn = await _driver.connect(self._dsn, connect_timeout=self._connect_timeout)
+            self._check_open()
+            opening = asyncio.get_running_loop().create_task(self._connect())
+            self._opening.add(opening)
+            opening.add_done_callback(self._opening.discard)
             try:
-                with _driver.translated(self._dsn):
-                    await conn.execute(_SETUP, ("pgcoord-lock", self._app, self._instance_id))
-            except BaseException:
-                await conn.close()
+                conn = await opening
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is None or not current.cancelling():
+                    # close() cancelled the connecting, not our caller: say why.
+                    self._check_open()
                 raise
         except BaseException:
             self._free_slot()
             raise
-        return LockConnection(conn)
+        lconn = LockConnection(conn)
+        try:
+            self._check_open()  # close() ran between the connect's end and this task resuming
+        except NotRunningError:
+            await self._close(lconn)
+            self._free_slot()
+            raise
+        return lconn
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NotRunningError("the pgcoord Coordinator is stopping or stopped")
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await _driver.connect(self._dsn, connect_timeout=self._connect_timeout)
+        try:
+            with _driver.translated(self._dsn):
+                await conn.execute(_SETUP, ("pgcoord-lock", self._app, self._instance_id))
+            if self._closed:
+                raise NotRunningError(
+                    "the pgcoord Coordinator stopped while opening a lock connection"
+                )
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
 
     def put(self, lconn: LockConnection) -> None:
         """Give a connection back (no lock held, lease disarmed)."""
@@ -280,8 +318,11 @@ class LockConnections:
                 waiter.set_exception(
                     NotRunningError("the pgcoord Coordinator stopped while waiting for a lock")
                 )
+        for opening in list(self._opening):
+            opening.cancel()
         idle, self._idle = self._idle, []
         for lconn in idle:
             self.discard(lconn)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        # Closes that acquisitions woken by the above start meanwhile are waited for too.
+        while self._opening or self._closing:
+            await asyncio.gather(*self._opening, *self._closing, return_exceptions=True)

@@ -136,7 +136,7 @@ class LockManager(Service):
             await self._connections.close()
 
     def _check_running(self) -> None:
-        if self._stopping or not self._rt.running:
+        if self._stopped():
             raise NotRunningError(
                 "the pgcoord Coordinator is not running (not started yet, or stopped); "
                 "its locks ended when it stopped"
@@ -225,6 +225,10 @@ class LockManager(Service):
                 await asyncio.sleep(backoff)  # the server is coming back: wait for it
                 backoff = min(backoff * 2, _RETRY_MAX)
                 continue
+            if lconn is not None and self._stopped():
+                # stop() ran while this acquisition waited for or opened a connection.
+                connections.discard(lconn)
+                raise self._stopped_error(name)
             if lconn is None:
                 raise LockAcquireError(
                     f"the lock {name!r} was not acquired in time: all {connections.max_size} "
@@ -259,10 +263,8 @@ class LockManager(Service):
             except psycopg.Error as exc:
                 self._not_waiting(lconn)
                 connections.discard(lconn)
-                if self._stopping or not self._rt.running:
-                    raise NotRunningError(
-                        f"the pgcoord Coordinator stopped while waiting for the lock {name!r}"
-                    ) from exc
+                if self._stopped():
+                    raise self._stopped_error(name) from exc
                 error = _driver.translate(exc, self._rt.dsn)
                 if isinstance(error, ConnectionFailedError):
                     # The session died (server restart?) before it got the lock, and its idle
@@ -284,6 +286,12 @@ class LockManager(Service):
                 connections.discard(lconn)
                 raise
             self._not_waiting(lconn)
+            if self._stopped():
+                # stop() ran while the statement was under way and the lock was granted all
+                # the same: a Lock handed out now would outlive the Coordinator. Closing the
+                # session frees it.
+                connections.discard(lconn)
+                raise self._stopped_error(name)
             if row is None or row[0] is None:
                 if row is not None:
                     connections.put(lconn)
@@ -301,9 +309,16 @@ class LockManager(Service):
             self._held.add(lock)
             return lock
 
+    def _stopped(self) -> bool:
+        return self._stopping or not self._rt.running
+
+    @staticmethod
+    def _stopped_error(name: str) -> NotRunningError:
+        return NotRunningError(f"the pgcoord Coordinator stopped while acquiring the lock {name!r}")
+
     def _may_retry(self, recovering_since: float | None, deadline: float | None) -> bool:
         """Whether an acquisition that lost its session may try again after a connection error."""
-        if recovering_since is None or self._stopping or not self._rt.running:
+        if recovering_since is None or self._stopped():
             return False  # a first failure to connect is the caller's to see, at once
         now = asyncio.get_running_loop().time()
         if deadline is not None and now >= deadline:
@@ -357,8 +372,8 @@ class LockManager(Service):
         """Take ``key``'s lock inside the caller's transaction (``pg_advisory_xact_lock``).
 
         Waits until it is free; it is released when that transaction commits or rolls back.
-        It excludes holders of ``acquire``/``lock`` on the same key too. A sync connection blocks
-        the event loop while it waits: prefer an async one (or the blocking API).
+        It excludes holders of ``acquire``/``lock`` on the same key too. A sync connection would
+        block the event loop while it waits: use :meth:`xact_lock_sync` for those.
         """
         name = check_key(key)
         check_transaction(transaction)
@@ -366,7 +381,11 @@ class LockManager(Service):
         await execute(transaction, self._queries.xact_lock, (self._advisory(name),))
 
     def xact_lock_sync(self, key: str, *, transaction: Any) -> None:
-        """Blocking twin of :meth:`xact_lock`, for a sync connection or session."""
+        """Blocking twin of :meth:`xact_lock`, for a sync connection or session.
+
+        A plain method: it waits in the calling thread (the blocking API runs it there too, not
+        on the Coordinator's loop), so it blocks that thread only.
+        """
         name = check_key(key)
         check_transaction(transaction)
         self._check_running()

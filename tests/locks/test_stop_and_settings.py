@@ -1,0 +1,168 @@
+"""LockManager edge cases: stop() racing an acquisition, and server settings that cut waits short."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import pgcoord
+from tests.conftest import CoordFactory
+
+APP = "locktest"
+
+
+class HoldingProxy:
+    """A byte-for-byte proxy to the test server that can hold new connections unanswered.
+
+    While ``hold`` is set, a client that connects gets no reply until :meth:`release` (its
+    connection attempt stays under way), which puts an acquisition in the middle of opening its
+    lock connection for as long as the test needs, without any timing.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+        self._host = str(params.get("host") or "127.0.0.1")
+        self._port = int(params.get("port") or 5432)
+        self._params = params
+        self.hold = False
+        self.held = asyncio.Event()  # set once a held connection arrived
+        self._released = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return psycopg.conninfo.make_conninfo(
+            psycopg.conninfo.make_conninfo(**self._params), host="127.0.0.1", port=port
+        )
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            if self.hold:
+                self.held.set()
+                await self._released.wait()
+            if self._host.startswith("/"):
+                up_r, up_w = await asyncio.open_unix_connection(
+                    f"{self._host}/.s.PGSQL.{self._port}"
+                )
+            else:
+                up_r, up_w = await asyncio.open_connection(self._host, self._port)
+            await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                dst.close()
+
+
+def lock_sessions(dsn: str) -> int:
+    """How many lock connections (of any instance) the test database has right now."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 'pgcoord-lock' AND datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_stop_while_an_acquisition_is_connecting_leaves_nothing_behind(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    proxy = HoldingProxy(dsn)
+    try:
+        a = await make_coord(app=APP, dsn=await proxy.start(), connect_timeout=30.0)
+        proxy.hold = True
+        acquiring = asyncio.create_task(a.lock_manager.acquire("k", ttl=None))
+        await asyncio.wait_for(proxy.held.wait(), 15)  # its lock connection is being opened
+        await a.stop()
+        proxy.release()  # the connection attempt may now complete: it must not take the lock
+        with pytest.raises(pgcoord.NotRunningError):
+            await asyncio.wait_for(acquiring, 30)
+        assert a.lock_manager.connection_stats()["open"] == 0
+        assert lock_sessions(dsn) == 0
+        # The key is free for everyone else.
+        b = await make_coord(app=APP)
+        lock = await b.lock_manager.try_acquire("k")
+        await lock.release()
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.parametrize("setting", ["lock_timeout", "statement_timeout"])
+async def test_acquire_waits_even_when_the_database_sets_a_timeout(
+    make_coord: CoordFactory, dsn: str, setting: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET {} = '100ms'").format(
+                sql.Identifier(conn.info.dbname), sql.Identifier(setting)
+            )
+        )
+    a = await make_coord(app=APP)
+    b = await make_coord(app=APP)
+    held = await b.lock_manager.acquire("k")
+    waiting = asyncio.create_task(a.lock_manager.acquire("k"))
+    # Wait until a's acquisition has waited on the server for well past the 100 ms setting.
+    await waited_on_server(dsn, waiting, seconds=0.5)
+    await held.release()
+    lock = await asyncio.wait_for(waiting, 15)
+    assert not lock.lost
+    # try_acquire with a timeout still gives up, with its own error.
+    with pytest.raises(pgcoord.LockAcquireError):
+        await b.lock_manager.try_acquire("k", timeout=0.3)
+    await lock.release()
+    again = await b.lock_manager.try_acquire("k", timeout=5)
+    await again.release()
+
+
+async def waited_on_server(dsn: str, task: asyncio.Task[Any], *, seconds: float) -> None:
+    """Return once a lock connection has waited for an advisory lock ``seconds`` on the server.
+
+    Fails the test if ``task`` ends first (the wait was cut short) or that never happens.
+    """
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgcoord-lock'"
+        " AND datname = current_database() AND wait_event = 'advisory'"
+        " AND clock_timestamp() - query_start > make_interval(secs => %s)"
+    )
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for _ in range(750):
+            if task.done():
+                task.result()  # raises what ended the wait
+                pytest.fail("the acquisition ended without waiting")
+            cur = await conn.execute(query, (seconds,))
+            row = await cur.fetchone()
+            if row is not None and row[0] > 0:
+                return
+            await asyncio.sleep(0.02)
+    pytest.fail("the acquisition never waited on the server")
