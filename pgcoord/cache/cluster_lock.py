@@ -40,6 +40,9 @@ class ClusterLocks:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._open_lock = asyncio.Lock()
         self._held: set[int] = set()
+        # try_lock/unlock calls using the connection right now (not yet counted in _held): the
+        # idle close must not pull the connection from under a statement in flight.
+        self._busy = 0
         self._idle: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -59,17 +62,21 @@ class ClusterLocks:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        conn = await self._connection()
+        self._busy += 1
         try:
-            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
-            row = await cur.fetchone()
-        except psycopg.Error as exc:
-            await self._discard()
-            raise _driver.translate(exc, self._rt.dsn) from exc
-        got = bool(row and row[0])
-        if got:
-            self._held.add(key)
-        else:
+            conn = await self._connection()
+            try:
+                cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                row = await cur.fetchone()
+            except psycopg.Error as exc:
+                await self._discard(conn)
+                raise _driver.translate(exc, self._rt.dsn) from exc
+            got = bool(row and row[0])
+            if got:
+                self._held.add(key)
+        finally:
+            self._busy -= 1
+        if not got:
             self._schedule_idle_close()
         return got
 
@@ -78,11 +85,14 @@ class ClusterLocks:
         self._held.discard(key)
         conn = self._conn
         if conn is not None and not conn.closed:
+            self._busy += 1
             try:
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
             except psycopg.Error:
                 log.warning("pgcoord cache: wrap lock connection failed on unlock; reopening")
-                await self._discard()
+                await self._discard(conn)
+            finally:
+                self._busy -= 1
         self._schedule_idle_close()
 
     def _schedule_idle_close(self) -> None:
@@ -92,13 +102,22 @@ class ClusterLocks:
 
     def _close_if_idle(self) -> None:
         self._idle = None
-        if not self._held:
-            task = asyncio.create_task(self._discard())
+        if not self._held and not self._busy and self._conn is not None:
+            task = asyncio.create_task(self._discard(self._conn, only_if_idle=True))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def _discard(self) -> None:
+    async def _discard(
+        self, expected: psycopg.AsyncConnection[Any] | None = None, *, only_if_idle: bool = False
+    ) -> None:
+        """Close the connection; with ``expected``, only if it is still that one."""
         async with self._open_lock:
+            # Re-checked here, not when scheduled: a try_lock may have started using the
+            # connection (or replaced it) between the timer firing and this task running.
+            if expected is not None and self._conn is not expected:
+                return
+            if only_if_idle and (self._held or self._busy):
+                return
             conn, self._conn = self._conn, None
             self._held.clear()
             if conn is not None:

@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgcoord.cache.cluster_lock import ClusterLocks
 from pgcoord.cache.manager import CacheManager
 from tests.conftest import CoordFactory
 
@@ -43,3 +44,25 @@ async def test_a_sweep_cancelled_right_after_its_lock_was_granted_leaves_no_lock
             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         ).fetchone()
     assert held == (0,)
+
+
+async def test_closing_the_idle_wrap_lock_connection_spares_a_lock_being_taken(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord()
+    locks = ClusterLocks(coord._rt)
+    try:
+        assert await locks.try_lock(1)
+        await locks.unlock(1)  # nothing held now: the idle close is due in IDLE_CLOSE seconds
+        # A wrap starts taking a lock on the connection, and before its statement returns the
+        # idle timer fires (its close task runs while the statement is in flight).
+        taking = asyncio.create_task(locks.try_lock(2))
+        await asyncio.sleep(0)  # the statement is sent on the still-open connection
+        locks._close_if_idle()
+        assert await taking  # not a spurious connection error
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT pg_try_advisory_lock(2)").fetchone()
+        assert row == (False,)  # still held: single flight intact
+        await locks.unlock(2)
+    finally:
+        await locks.close()
