@@ -33,6 +33,9 @@ class HoldingProxy:
         self.held = asyncio.Event()  # set once a held connection arrived
         self._released = asyncio.Event()
         self._server: asyncio.Server | None = None
+        #: One gate per connection accepted, in order: while a gate is clear, what the server
+        #: sends on that connection is held back (the client sees no reply yet).
+        self.replies: list[asyncio.Event] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> str:
@@ -56,6 +59,9 @@ class HoldingProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        gate = asyncio.Event()
+        gate.set()
+        self.replies.append(gate)
         try:
             if self.hold:
                 self.held.set()
@@ -66,15 +72,19 @@ class HoldingProxy:
                 )
             else:
                 up_r, up_w = await asyncio.open_connection(self._host, self._port)
-            await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+            await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer, gate))
         finally:
             writer.close()
             self._tasks.discard(task)
 
     @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        src: asyncio.StreamReader, dst: asyncio.StreamWriter, gate: asyncio.Event | None = None
+    ) -> None:
         try:
             while data := await src.read(65536):
+                if gate is not None:
+                    await gate.wait()
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError, asyncio.CancelledError):
@@ -116,6 +126,55 @@ async def test_stop_while_an_acquisition_is_connecting_leaves_nothing_behind(
         await lock.release()
     finally:
         await proxy.close()
+
+
+async def test_stop_while_a_granted_acquisition_is_returning_leaves_nothing_behind(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    proxy = HoldingProxy(dsn)
+    try:
+        a = await make_coord(app=APP, dsn=await proxy.start())
+        before = len(proxy.replies)
+        await a.lock_manager.run_exclusive("k", lambda: None)  # opens one lock connection
+        lock_gates = proxy.replies[before:]
+        assert len(lock_gates) == 1
+        lock_gates[0].clear()  # the server's replies on the lock connection are held back
+        acquiring = asyncio.create_task(a.lock_manager.acquire("k", ttl=None))
+        # The server granted the lock; the reply saying so has not reached the client yet.
+        await wait_until_granted(dsn)
+        before = len(proxy.replies)
+        stopping = asyncio.create_task(a.stop())
+        for _ in range(750):  # stop() sends a cancel request on a connection of its own
+            if len(proxy.replies) > before:
+                break
+            await asyncio.sleep(0.02)
+        lock_gates[0].set()  # the grant now arrives, after stop() began
+        with pytest.raises(pgcoord.NotRunningError):
+            await asyncio.wait_for(acquiring, 30)
+        await asyncio.wait_for(stopping, 30)
+        assert lock_sessions(dsn) == 0
+        b = await make_coord(app=APP)
+        lock = await b.lock_manager.try_acquire("k", timeout=10)
+        await lock.release()
+    finally:
+        await proxy.close()
+
+
+async def wait_until_granted(dsn: str) -> None:
+    """Return once a lock connection of the test database holds an advisory lock."""
+    query = (
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted"
+        " AND a.application_name = 'pgcoord-lock' AND a.datname = current_database()"
+    )
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for _ in range(750):
+            cur = await conn.execute(query)
+            row = await cur.fetchone()
+            if row is not None and row[0] > 0:
+                return
+            await asyncio.sleep(0.02)
+    pytest.fail("the lock was never granted")
 
 
 @pytest.mark.parametrize("setting", ["lock_timeout", "statement_timeout"])
