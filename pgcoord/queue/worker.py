@@ -40,16 +40,32 @@ _UNLIMITED_THREADS = 64
 class RunningJob:
     """A claimed job while its handler runs."""
 
-    __slots__ = ("attempt", "id", "lost", "signal", "stopping", "task", "timed_out")
+    __slots__ = (
+        "attempt",
+        "generation",
+        "holds",
+        "id",
+        "lost",
+        "signal",
+        "stopping",
+        "task",
+        "timed_out",
+        "timer",
+    )
 
-    def __init__(self, job_id: int, attempt: int) -> None:
+    def __init__(self, job_id: int, attempt: int, generation: int) -> None:
         self.id = job_id
         self.attempt = attempt
         self.signal = Signal()
         self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.timed_out = False
         self.stopping = False
         self.lost = False
+        #: What keeps this job's slot taken: its task, and its thread while a sync handler
+        #: runs (which may outlive the task when it ignores the signal after a timeout).
+        self.holds = 1
+        self.generation = generation
 
 
 class Worker:
@@ -70,6 +86,10 @@ class Worker:
         #: claiming back-to-back, None not registered (yet, or the write failed).
         self.idle_state: bool | None = None
         self._full_claims = 0
+        #: Slots taken: jobs whose task or handler thread has not ended (see RunningJob.holds).
+        self._busy = 0
+        #: Bumped at every start: jobs and threads of an earlier run no longer count.
+        self._generation = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -82,6 +102,8 @@ class Worker:
         self.closing = False
         self.idle_state = None
         self._full_claims = 0
+        self._busy = 0
+        self._generation += 1
         self._task = asyncio.create_task(self._guarded(), name=f"pgcoord-queue-{self.channel}")
 
     async def stop(self, grace: float) -> list[tuple[int, int]]:
@@ -122,9 +144,22 @@ class Worker:
     def _free(self) -> int:
         batch: int = self.queue._batch
         limit = self.opts.concurrency
+        if limit is None and not self.opts.is_async:
+            # Sync handlers run on a bounded pool: a job claimed beyond it would sit leased,
+            # out of other instances' reach, until a thread frees up.
+            limit = _UNLIMITED_THREADS
         if limit is None:
             return batch
-        return min(limit - len(self.running), batch)
+        # `_busy`, not len(running): a sync handler that timed out but ignores ctx.signal
+        # still holds its thread, and a job claimed for that thread would wait behind it.
+        return min(limit - self._busy, batch)
+
+    def _release(self, job: RunningJob) -> None:
+        """One of the job's holds ended (its task, or its thread); free its slot after both."""
+        job.holds -= 1
+        if job.holds == 0 and job.generation == self._generation:
+            self._busy -= 1
+            self.slot.set()
 
     async def _guarded(self) -> None:
         # The claim loop handles database errors itself; anything else is a bug, but it must
@@ -235,7 +270,8 @@ class Worker:
             self.queue._outcomes.fail(job_id, attempt, error, "")
             self.slot.set()
             return
-        job = RunningJob(job_id, attempt)
+        job = RunningJob(job_id, attempt, self._generation)
+        self._busy += 1
         stale = self.running.get(job.id)
         if stale is not None:
             # Our own earlier try of this job outlived its lease (the process was frozen) and
@@ -247,7 +283,9 @@ class Worker:
         self.running[job.id] = job
         job.task = asyncio.create_task(self._run(job, row))
 
-    def _in_thread(self, message: Any, ctx: JobContext) -> asyncio.Future[Any]:
+    def _in_thread(
+        self, job: RunningJob, timeout: float, message: Any, ctx: JobContext
+    ) -> asyncio.Future[Any]:
         # A pool per subscription sized to its concurrency: the loop's default executor has
         # only min(32, cores + 4) threads, which would cap sync handlers below `concurrency`.
         if self._executor is None:
@@ -255,8 +293,28 @@ class Worker:
             self._executor = ThreadPoolExecutor(
                 max_workers=limit, thread_name_prefix=f"pgcoord-queue-{self.channel[:20]}"
             )
-        call = functools.partial(contextvars.copy_context().run, self.opts.process, message, ctx)
-        return asyncio.get_running_loop().run_in_executor(self._executor, call)
+        loop = asyncio.get_running_loop()
+        run = functools.partial(contextvars.copy_context().run, self.opts.process, message, ctx)
+
+        def call() -> Any:
+            # The timeout counts from here, when a thread really takes the job, not from
+            # the claim: a job waiting for a thread must not time out before it starts.
+            loop.call_soon_threadsafe(self._start_timer, job, timeout)
+            return run()
+
+        def done(_future: object) -> None:
+            # Called in the thread, or at once when the call is cancelled before it started.
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to free
+                loop.call_soon_threadsafe(self._release, job)
+
+        job.holds += 1
+        future = self._executor.submit(call)
+        future.add_done_callback(done)
+        return asyncio.wrap_future(future, loop=loop)
+
+    def _start_timer(self, job: RunningJob, timeout: float) -> None:
+        if job.task is not None and not job.task.done() and job.timer is None:
+            job.timer = asyncio.get_running_loop().call_later(timeout, self._on_timeout, job)
 
     def _on_timeout(self, job: RunningJob) -> None:
         job.timed_out = True
@@ -275,14 +333,15 @@ class Worker:
             signal=job.signal,
             options=(timeout, max_retries, priority),
         )
-        timer = asyncio.get_running_loop().call_later(timeout, self._on_timeout, job)
+        if self.opts.is_async:
+            self._start_timer(job, timeout)
         error: BaseException | None = None
         try:
             message = codec.decode(payload)
             if self.opts.is_async:
                 await self.opts.process(message, ctx)
             else:
-                result = await self._in_thread(message, ctx)
+                result = await self._in_thread(job, timeout, message, ctx)
                 if asyncio.iscoroutine(result):
                     await result
         except asyncio.CancelledError as exc:
@@ -291,10 +350,11 @@ class Worker:
         except Exception as exc:
             error = exc
         finally:
-            timer.cancel()
+            if job.timer is not None:
+                job.timer.cancel()
             if self.running.get(job.id) is job:
                 del self.running[job.id]
-            self.slot.set()
+            self._release(job)
         if job.stopping or job.lost:
             return  # released by stop(), or owned by another worker now
         if job.timed_out:

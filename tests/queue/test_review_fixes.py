@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from typing import Any
 
@@ -133,3 +134,67 @@ async def test_unsubscribe_does_not_raise_when_the_release_notify_fails(
     assert eq.subscribed() == []
     # The job was still released: ready again at once for any instance.
     assert _rows(dsn, "SELECT id, worker FROM pgcoord.queue_jobs") == [(job, None)]
+
+
+def _leased(dsn: str) -> int:
+    rows = _rows(dsn, "SELECT count(*) FROM pgcoord.queue_jobs WHERE worker IS NOT NULL")
+    return int(rows[0][0])
+
+
+async def test_unlimited_sync_handlers_claim_no_more_jobs_than_threads(
+    make_coord: CoordFactory, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pgcoord.queue.worker._UNLIMITED_THREADS", 2)
+    coord = await make_coord()
+    eq = coord.event_queue
+    gate = threading.Event()
+    lock = threading.Lock()
+    started: list[Any] = []
+
+    def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        with lock:
+            started.append(message)
+        gate.wait(30)
+
+    await eq.publish_many("backlog", list(range(6)), timeout=60.0)
+    await eq.subscribe("backlog", process=process, concurrency=0)
+    await _until(lambda: len(started) == 2)
+    await asyncio.sleep(0.3)  # room for a wrong extra claim to happen
+    # Only the jobs that have a thread are leased; the rest stay free for other instances.
+    assert _leased(dsn) == 2
+    gate.set()
+    await _until(lambda: len(started) == 6)
+    await eq.flush()
+    await _until(lambda: _rows(dsn, "SELECT count(*) FROM pgcoord.queue_jobs") == [(0,)])
+    assert await eq.failed_jobs() == []
+
+
+async def test_a_job_waiting_behind_a_timed_out_thread_does_not_time_out(
+    make_coord: CoordFactory,
+) -> None:
+    coord = await make_coord()
+    eq = coord.event_queue
+    gate = threading.Event()
+    ran: list[Any] = []
+
+    def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        if message == "stuck":
+            gate.wait(30)  # ignores ctx.signal: keeps its thread past its timeout
+        ran.append(message)
+
+    stuck = await eq.publish("serial", "stuck", timeout=0.5)
+    later = await eq.publish("serial", "later", timeout=1.0)
+    await eq.subscribe("serial", process=process, concurrency=1)
+    deadline = time.monotonic() + 15.0
+    while [f.id for f in await eq.failed_jobs()] != [stuck]:
+        assert time.monotonic() < deadline, "the stuck job never timed out"
+        await asyncio.sleep(0.05)
+    # The stuck handler keeps its thread for longer than the later job's timeout.
+    await asyncio.sleep(2.0)
+    gate.set()
+    await _until(lambda: ran == ["stuck", "later"])
+    await eq.flush()
+    stats = await eq.stats("serial")
+    assert [f.id for f in await eq.failed_jobs()] == [stuck]  # `later` ran and completed
+    assert (stats["ready"], stats["running"], stats["scheduled"]) == (0, 0, 0)
+    assert later != stuck
