@@ -13,7 +13,7 @@ from psycopg import sql
 
 from pgcoord.schema.queue import FAILED, JOBS, WAITERS
 
-_JOB_COLUMNS = "id, attempt, retried, max_retries, timeout, priority, payload"
+_JOB_COLUMNS = "id, attempt, retried, max_retries, timeout, priority, payload, attempt_base"
 
 # Worker-side writes (claim, complete, retry, fail, release, renew) commit without waiting for
 # the WAL flush: set_config(..., true) lasts only for the statement's own transaction. Losing
@@ -114,14 +114,16 @@ def build(schema: str) -> Queries:
             "d AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::text[], %s::text[]) "
             "AS d(id, attempt, error, tb)), "
             "moved AS (DELETE FROM {jobs} AS j USING d WHERE j.id = d.id AND j.attempt = d.attempt "
-            "RETURNING j.id, j.app, j.channel, j.priority, j.retried, j.max_retries, j.timeout, "
-            "j.created_at, j.payload) "
-            "INSERT INTO {failed} (id, app, channel, priority, retried, max_retries, timeout, "
-            "created_at, error, traceback, payload) "
-            "SELECT m.id, m.app, m.channel, m.priority, m.retried, m.max_retries, m.timeout, "
-            "m.created_at, d.error, d.tb, m.payload FROM moved AS m JOIN d ON d.id = m.id, cfg "
+            "RETURNING j.id, j.app, j.channel, j.priority, j.attempt, j.retried, j.max_retries, "
+            "j.timeout, j.created_at, j.payload) "
+            "INSERT INTO {failed} (id, app, channel, priority, attempt, retried, max_retries, "
+            "timeout, created_at, error, traceback, payload) "
+            "SELECT m.id, m.app, m.channel, m.priority, m.attempt, m.retried, m.max_retries, "
+            "m.timeout, m.created_at, d.error, d.tb, m.payload "
+            "FROM moved AS m JOIN d ON d.id = m.id, cfg "
             "ON CONFLICT (id) DO UPDATE SET error = EXCLUDED.error, traceback = EXCLUDED.traceback, "
-            "retried = EXCLUDED.retried, failed_at = now(), payload = EXCLUDED.payload"
+            "attempt = EXCLUDED.attempt, retried = EXCLUDED.retried, failed_at = now(), "
+            "payload = EXCLUDED.payload"
         ),
         # Graceful stop: back to the queue at once, without counting a failed try.
         release=q(
@@ -141,16 +143,19 @@ def build(schema: str) -> Queries:
             "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
             "ORDER BY failed_at, id LIMIT %(limit)s"
         ),
-        # A retried dead letter keeps its id and starts over with a fresh retry budget.
+        # A retried dead letter keeps its id and starts over with a fresh retry budget. Its
+        # `attempt` goes on from where it failed, so no (id, attempt) fencing token is ever
+        # handed out twice: a frozen worker of an earlier life cannot finish the new one.
         retry_failed=q(
             "WITH moved AS (DELETE FROM {failed} WHERE app = %(app)s "
             "AND (%(channel)s::text IS NULL OR channel = %(channel)s) "
             "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
-            "RETURNING id, app, channel, priority, max_retries, timeout, created_at, payload) "
-            "INSERT INTO {jobs} (id, app, channel, priority, run_at, max_retries, timeout, "
-            "created_at, payload) "
-            "SELECT id, app, channel, priority, now(), max_retries, timeout, created_at, payload "
-            "FROM moved RETURNING id, channel"
+            "RETURNING id, app, channel, priority, attempt, max_retries, timeout, created_at, "
+            "payload) "
+            "INSERT INTO {jobs} (id, app, channel, priority, run_at, attempt, attempt_base, "
+            "max_retries, timeout, created_at, payload) "
+            "SELECT id, app, channel, priority, now(), attempt, attempt, max_retries, timeout, "
+            "created_at, payload FROM moved RETURNING id, channel"
         ),
         purge_failed=q(
             "DELETE FROM {failed} WHERE app = %(app)s "

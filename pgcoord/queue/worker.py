@@ -256,10 +256,12 @@ class Worker:
     # -- running ---------------------------------------------------------------------------
 
     def _launch(self, row: tuple[Any, ...]) -> None:
-        job_id, attempt, retried = row[0], row[1], row[2]
+        job_id, attempt, retried, base = row[0], row[1], row[2], row[7]
         # Every claim adds one to `attempt`, every retry one to `retried`: the claims that
         # ended with no outcome at all (worker killed, frozen past its lease, or stopped).
-        interrupted = attempt - retried - 1
+        # `base` is where `attempt` stood when the job last left the dead letters (which
+        # resets `retried` but not `attempt`): earlier claims belong to its previous life.
+        interrupted = attempt - base - retried - 1
         if interrupted >= self.queue._max_interruptions:
             error = (
                 f"JobInterrupted: job {job_id} was claimed {interrupted} times without an outcome "
@@ -323,7 +325,7 @@ class Worker:
             job.task.cancel()
 
     async def _run(self, job: RunningJob, row: tuple[Any, ...]) -> None:
-        _id, attempt, retried, max_retries, timeout, priority, payload = row
+        _id, attempt, retried, max_retries, timeout, priority, payload, _base = row
         queue = self.queue
         ctx = JobContext(
             job_id=job.id,

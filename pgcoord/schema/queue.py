@@ -66,6 +66,9 @@ def define(metadata: MetaData) -> None:
         # Fencing token: +1 on every claim; completion/failure must present the current one.
         Column("attempt", Integer, nullable=False, server_default=text("0")),
         Column("retried", Integer, nullable=False, server_default=text("0")),
+        # `attempt` when the job last came back from the dead letters (0 if never): the claims
+        # before it do not count as interruptions of this life (see queue_max_interruptions).
+        Column("attempt_base", Integer, nullable=False, server_default=text("0")),
         Column("max_retries", Integer, nullable=False, server_default=text("0")),
         Column("timeout", Float(precision=53), nullable=False),
         Column("worker", Text, nullable=True),
@@ -88,6 +91,8 @@ def define(metadata: MetaData) -> None:
         Column("app", Text(collation="C"), nullable=False),
         Column("channel", Text(collation="C"), nullable=False),
         Column("priority", Integer, nullable=False),
+        # The fencing token at failure, restored on retry: (id, attempt) never repeats.
+        Column("attempt", Integer, nullable=False),
         Column("retried", Integer, nullable=False),
         Column("max_retries", Integer, nullable=False),
         Column("timeout", Float(precision=53), nullable=False),

@@ -198,3 +198,52 @@ async def test_a_job_waiting_behind_a_timed_out_thread_does_not_time_out(
     assert [f.id for f in await eq.failed_jobs()] == [stuck]  # `later` ran and completed
     assert (stats["ready"], stats["running"], stats["scheduled"]) == (0, 0, 0)
     assert later != stuck
+
+
+async def test_a_retried_dead_letter_never_reuses_a_fencing_token(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord(queue_lease=30.0)
+    eq = coord.event_queue
+    job = await eq.publish("refence", "x")
+    expire = "UPDATE pgcoord.queue_jobs SET run_at = now() - interval '1 second'"
+    [frozen] = await eq._claim("refence", 10)  # this worker freezes past its lease
+    _rows(dsn, expire + " RETURNING id")
+    [second] = await eq._claim("refence", 10)
+    eq._outcomes.fail(job, second[1], "boom", "tb")
+    await eq.flush()
+    assert await eq.retry_failed() == [job]  # an operator puts the job back
+    [third] = await eq._claim("refence", 10)
+    assert third[1] > second[1] > frozen[1]
+    eq._outcomes.complete(job, frozen[1])  # the frozen worker wakes up and reports success
+    await eq.flush()
+    assert _rows(dsn, "SELECT id, attempt FROM pgcoord.queue_jobs") == [(job, third[1])]
+
+
+async def test_a_retried_dead_letter_gets_a_fresh_interruption_budget(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    coord = await make_coord(queue_lease=30.0, queue_max_interruptions=2)
+    eq = coord.event_queue
+    job = await eq.publish("crashy", "x")
+    expire = "UPDATE pgcoord.queue_jobs SET run_at = now() - interval '1 second' RETURNING id"
+    for _ in range(2):  # two workers died while running it
+        await eq._claim("crashy", 10)
+        _rows(dsn, expire)
+    seen: list[tuple[Any, int]] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        seen.append((message, ctx.retried))
+
+    await eq.subscribe("crashy", process=process, interval=0.05)
+    deadline = time.monotonic() + 15.0
+    while [f.id for f in await eq.failed_jobs()] != [job]:
+        assert time.monotonic() < deadline, "the interrupted job was not dead-lettered"
+        await asyncio.sleep(0.05)
+    assert seen == []
+    assert await eq.retry_failed() == [job]
+    # Its earlier interruptions belong to its previous life: now it runs.
+    await _until(lambda: seen == [("x", 0)])
+    await eq.flush()
+    assert _rows(dsn, "SELECT count(*) FROM pgcoord.queue_jobs") == [(0,)]
+    assert await eq.failed_jobs() == []
