@@ -16,7 +16,9 @@ this instance listened). Every sync message id delivered is remembered (:class:`
 longer than the log keeps rows, so a message that arrives both live and from the log is delivered
 once. Reading the log by "id greater than the last one seen" would be wrong: ids are taken when a
 transaction inserts, not when it commits, so a row committed late behind a higher id would be
-skipped forever.
+skipped forever. For the same reason the catch-up replays rows by ``commit_seq``, which a deferred
+trigger takes at COMMIT under one advisory lock (migration 0002): that is commit order, the order
+live NOTIFY delivery follows, even for overlapping transactions of different publishers.
 """
 
 from __future__ import annotations

@@ -86,7 +86,10 @@ class Queries:
 
         Params: channels (text[]), snapshots (text[], the ``pg_current_snapshot()`` taken when
         each channel's LISTEN became active), window (seconds). Rows visible in a channel's
-        snapshot committed before this instance listened: not for it.
+        snapshot committed before this instance listened: not for it. Ordered by ``commit_seq``
+        (taken at COMMIT, see migration 0002), i.e. in commit order like live NOTIFY delivery,
+        never by ``id``, which is taken at INSERT. ``commit_seq`` is unique; ``id`` only makes
+        the order total should a row ever lack one.
         """
         return (
             sql.SQL(
@@ -94,7 +97,7 @@ class Queries:
                 " JOIN unnest(%s::text[], %s::text[]) AS s(channel, snap) ON l.channel = s.channel"
                 " WHERE l.durable AND l.created_at > now() - make_interval(secs => %s)"
                 " AND NOT pg_visible_in_snapshot(l.xid::text::xid8, s.snap::pg_snapshot)"
-                " ORDER BY l.id"
+                " ORDER BY l.commit_seq, l.id"
             )
             .format(log=self.log)
             .as_string()

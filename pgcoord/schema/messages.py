@@ -12,6 +12,11 @@
 The table is logged (not UNLOGGED): sync messages must survive a server crash. ``xid`` is the
 writing transaction's ``pg_current_xact_id()`` as ``bigint`` (an ``xid8`` always fits), used both
 to find a transaction's rows and, on catch-up, to tell rows committed before a subscription began.
+
+``commit_seq`` numbers durable rows in commit order. Revision 0002 also creates what fills it,
+which SQLAlchemy metadata does not describe: the sequence ``message_log_commit_seq`` and a
+deferred constraint trigger ``message_log_commit_order`` that, at COMMIT and under one
+transaction-scoped advisory lock, sets ``commit_seq = nextval(...)`` on each durable row.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ def define(metadata: MetaData) -> None:
         Column("durable", Boolean, nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
         Column("envelope", Text, nullable=False),
+        # Taken at COMMIT by the deferred trigger of revision 0002 (durable rows only; NULL on
+        # the others): the catch-up replays in this order, which is commit order.
+        Column("commit_seq", BigInteger, nullable=True),
         Index("message_log_xid_idx", "xid"),
         Index("message_log_created_idx", "created_at"),
         # Rows churn (inserted, then swept minutes later): vacuum sooner than the default.

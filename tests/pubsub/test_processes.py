@@ -188,3 +188,37 @@ async def test_after_a_server_restart_messages_of_the_reconnect_gap_are_caught_u
         assert got == list(range(60))
     for proc in nodes:
         assert await asyncio.to_thread(listener_pid, proc) is not None
+
+
+async def test_overlapping_transactions_committed_while_disconnected_are_caught_up_in_commit_order(
+    make_coord: CoordFactory, dsn: str, pg: PgServer
+) -> None:
+    # Two publishers' transactions overlap: the first takes the lower log id but commits last.
+    # Connected instances see them in commit order (NOTIFY order); so must the catch-up.
+    sender, receiver = await make_coord(), await make_coord()
+    inbox = Inbox()
+    await receiver.sync_message_manager.subscribe("order", inbox)
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as t1,
+        await psycopg.AsyncConnection.connect(dsn) as t2,
+    ):
+        set_connections_allowed(pg, dsn, False)
+        try:
+            pid = receiver.listener.backend_pid
+            assert pid is not None
+            with pg.admin() as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            await until(lambda: not receiver.listener.connected)
+            await sender.sync_message_manager.publish("order", "inserted first", transaction=t1)
+            await sender.sync_message_manager.publish("order", "committed first", transaction=t2)
+            await t2.commit()
+            await t1.commit()
+            await settle(0.5)
+            assert inbox.messages == []  # really disconnected: only the catch-up can bring them
+        finally:
+            set_connections_allowed(pg, dsn, True)
+    await sender.sync_message_manager.publish("order", "after")
+    await inbox.wait_for(3)
+    await settle(0.5)
+    assert inbox.messages == ["committed first", "inserted first", "after"]
+    assert receiver.listener.reconnects >= 1
