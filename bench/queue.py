@@ -288,25 +288,29 @@ async def _asyncpg_connect(dsn: str) -> Any:
     return await asyncpg.connect(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-async def _pgqueuer_drain(dsn: str, n: int, driver_kind: str) -> float:
-    from pgqueuer import QueueManager
+async def _pgqueuer_queries(dsn: str, driver_kind: str) -> tuple[Any, Any]:
+    """A connection of the given driver and pgqueuer's Queries on it, schema installed."""
+    from pgqueuer.db import AsyncpgDriver, PsycopgDriver
     from pgqueuer.queries import Queries
-    from pgqueuer.types import QueueExecutionMode
 
     if driver_kind == "asyncpg":
-        from pgqueuer.db import AsyncpgDriver
-
         conn: Any = await _asyncpg_connect(dsn)
         driver: Any = AsyncpgDriver(conn)
     else:
-        from pgqueuer.db import PsycopgDriver
-
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         driver = PsycopgDriver(conn)
+    queries = Queries(driver)
+    if not await queries.schema_is_installed():
+        await queries.install()
+    return conn, queries
+
+
+async def _pgqueuer_drain(dsn: str, n: int, driver_kind: str) -> float:
+    from pgqueuer import QueueManager
+    from pgqueuer.types import QueueExecutionMode
+
+    conn, queries = await _pgqueuer_queries(dsn, driver_kind)
     try:
-        queries = Queries(driver)
-        if not await queries.schema_is_installed():
-            await queries.install()
         for start in range(0, n, 5000):
             size = min(5000, n - start)
             await queries.enqueue(["noop"] * size, [None] * size, [0] * size)
@@ -328,19 +332,9 @@ async def _pgqueuer_drain(dsn: str, n: int, driver_kind: str) -> float:
 
 async def _pgqueuer_continuous(dsn: str, seconds: float, driver_kind: str) -> tuple[float, float]:
     from pgqueuer import QueueManager
-    from pgqueuer.db import AsyncpgDriver, PsycopgDriver
-    from pgqueuer.queries import Queries
 
-    if driver_kind == "asyncpg":
-        conn: Any = await _asyncpg_connect(dsn)
-        driver: Any = AsyncpgDriver(conn)
-    else:
-        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-        driver = PsycopgDriver(conn)
+    conn, queries = await _pgqueuer_queries(dsn, driver_kind)
     try:
-        queries = Queries(driver)
-        if not await queries.schema_is_installed():
-            await queries.install()
         qm = QueueManager(queries)
         done = 0
 

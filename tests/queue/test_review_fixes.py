@@ -11,25 +11,12 @@ import threading
 import time
 from typing import Any
 
-import psycopg
 import pytest
 from psycopg import sql
 
 import pgcoord
 from tests.conftest import CoordFactory
-
-
-def _rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(dsn) as conn:
-        return conn.execute(query, params).fetchall()
-
-
-async def _until(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached in time")
-        await asyncio.sleep(0.05)
+from tests.queue.test_behaviour import _rows, _until
 
 
 def _lease_end(dsn: str, job: int) -> Any:
