@@ -6,6 +6,7 @@ The server is ``$PGCOORD_TEST_DSN`` when set, else an embedded server in
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import itertools
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,15 @@ def terminate_backend(dsn: str, pid: int) -> bool:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
     return bool(row and row[0])
+
+
+async def wait_until(condition: Callable[[], object], timeout: float = 15.0) -> None:
+    """Poll ``condition`` until it is true; raise ``TimeoutError`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout:g} s")
+        await asyncio.sleep(0.01)
 
 
 def emit(**fields: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import psycopg
@@ -10,20 +11,14 @@ import pytest
 
 import pgcoord
 from tests.conftest import CoordFactory
-from tests.support import PgServer, terminate_backend
+from tests.support import PgServer, terminate_backend, wait_until
+
+wait_for = functools.partial(wait_until, timeout=10.0)
 
 
 async def notify(dsn: str, channel: str, payload: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
-
-
-async def wait_for(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def test_notifications_reach_every_callback_of_a_channel(

@@ -14,16 +14,9 @@ import pgcoord
 from pgcoord.locks import lease
 from tests.conftest import CoordFactory
 from tests.support import terminate_backend
+from tests.support import wait_until as wait_for
 
 APP = "locktest"
-
-
-async def wait_for(predicate: Any, timeout: float = 15.0) -> None:
-    """Wait (generously) until ``predicate()`` is true; fail the test if it never is."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.02)
 
 
 async def two(make_coord: CoordFactory, **options: Any) -> tuple[pgcoord.Coordinator, ...]:

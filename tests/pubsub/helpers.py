@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from tests.support import wait_until
+
 # Generous: the machine is shared and noisy; nothing here asserts speed.
 WAIT = 20.0
 
@@ -29,12 +31,7 @@ class Inbox:
 
 async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
     """Poll ``condition`` until it is true (raises TimeoutError after ``timeout``)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.01)
+    await wait_until(condition, timeout)
 
 
 async def settle(seconds: float = 0.3) -> None:

@@ -18,19 +18,12 @@ from sqlalchemy.orm import Session
 
 import pgcoord
 from tests.conftest import CoordFactory
+from tests.support import wait_until as _until
 
 
 def _rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(query, params).fetchall()
-
-
-async def _until(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_retries_then_dead_letter_with_error_and_traceback(

@@ -16,7 +16,8 @@ from psycopg import sql
 
 import pgcoord
 from tests.conftest import CoordFactory
-from tests.queue.test_behaviour import _rows, _until
+from tests.queue.test_behaviour import _rows
+from tests.support import wait_until as _until
 
 
 def _lease_end(dsn: str, job: int) -> Any:
