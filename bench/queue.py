@@ -371,14 +371,7 @@ async def _feed_in_child(system: str, dsn: str, start_at: float, seconds: float)
             q = Queries(AsyncpgDriver(conn))
             calls.append(lambda q=q: q.enqueue(["noop"] * 50, [None] * 50, [0] * 50))
     else:
-        import procrastinate
-
-        app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
-
-        @app.task(name="noop")
-        async def noop() -> None:
-            return None
-
+        app, noop, _ = _procrastinate_app(dsn)
         await app.open_async()
         closers.append(app.close_async)
         calls = [lambda: noop.batch_defer_async(*([{}] * 50))] * 2
@@ -430,17 +423,22 @@ async def _feed(
     return (after - before) / seconds, published / seconds
 
 
-async def _procrastinate_continuous(dsn: str, seconds: float) -> tuple[float, float]:
+def _procrastinate_app(dsn: str) -> tuple[Any, Any, list[int]]:
+    """A procrastinate app on ``dsn``, its no-op task ``noop``, and a counter of its runs."""
     import procrastinate
 
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
-    done = 0
+    done = [0]
 
     @app.task(name="noop")
     async def noop() -> None:
-        nonlocal done
-        done += 1
+        done[0] += 1
 
+    return app, noop, done
+
+
+async def _procrastinate_continuous(dsn: str, seconds: float) -> tuple[float, float]:
+    app, _, done = _procrastinate_app(dsn)
     async with app.open_async():
         with contextlib.suppress(Exception):
             await app.schema_manager.apply_schema_async()
@@ -460,20 +458,11 @@ async def _procrastinate_continuous(dsn: str, seconds: float) -> tuple[float, fl
             if worker_task:
                 worker_task[0].cancel()
 
-        return await _feed("procrastinate", dsn, seconds, worker, stop, lambda: done)
+        return await _feed("procrastinate", dsn, seconds, worker, stop, lambda: done[0])
 
 
 async def _procrastinate_drain(dsn: str, n: int) -> float:
-    import procrastinate
-
-    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
-    done = 0
-
-    @app.task(name="noop")
-    async def noop() -> None:
-        nonlocal done
-        done += 1
-
+    app, noop, done = _procrastinate_app(dsn)
     async with app.open_async():
         with contextlib.suppress(Exception):
             await app.schema_manager.apply_schema_async()
@@ -484,7 +473,7 @@ async def _procrastinate_drain(dsn: str, n: int) -> float:
             concurrency=10, wait=False, install_signal_handlers=False, delete_jobs="always"
         )
         elapsed = time.perf_counter() - began
-    return done / elapsed
+    return done[0] / elapsed
 
 
 # -- churn ---------------------------------------------------------------------------------
