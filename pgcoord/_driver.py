@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -124,15 +124,3 @@ def make_pool(dsn: str, *, max_size: int, connect_timeout: float, name: str) -> 
         # No per-borrow `check`: it would cost a round trip on every operation. A connection
         # broken by a server restart fails once, and the pool discards it when it comes back.
     )
-
-
-@contextlib.asynccontextmanager
-async def pooled(
-    pool: AsyncConnectionPool, dsn: str | None = None
-) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """Borrow a pool connection, translating errors (also those raised while borrowing)."""
-    try:
-        async with pool.connection() as conn:
-            yield conn
-    except (psycopg.Error, PoolTimeout) as exc:
-        raise translate(exc, dsn) from exc

@@ -8,10 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import psycopg
-from psycopg_pool import PoolTimeout
-
-from pgcoord import _driver
 from pgcoord.cache.patterns import glob_to_like
 from pgcoord.cache.queries import Queries
 from pgcoord.errors import DatabaseError, InvalidInputError
@@ -28,22 +24,13 @@ class PostgresStore:
 
     async def _run(self, query: bytes, params: Any, fetch: int) -> Any:
         """Run one statement; ``fetch``: 0 nothing, 1 one row (or None), 2 all rows."""
-        # acquire/release rather than a context manager: on a cache hit the context managers'
-        # own cost is measurable. The runtime keeps warm connections between calls.
-        rt = self._rt
-        try:
-            conn = await rt.acquire()
-            try:
-                cur = await conn.execute(query, params)
-                if fetch == 1:
-                    return await cur.fetchone()
-                if fetch == 2:
-                    return await cur.fetchall()
-                return None
-            finally:
-                await rt.release(conn)
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise _driver.translate(exc, self._rt.dsn) from exc
+        async with self._rt.connection() as conn:
+            cur = await conn.execute(query, params)
+            if fetch == 1:
+                return await cur.fetchone()
+            if fetch == 2:
+                return await cur.fetchall()
+            return None
 
     async def _one(self, query: bytes, params: Any) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = await self._run(query, params, 1)

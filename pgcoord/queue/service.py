@@ -13,12 +13,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-import psycopg
 from psycopg import sql
 
 from pgcoord import codec
 from pgcoord import transaction as txn
-from pgcoord._driver import translate, translated
+from pgcoord._driver import translated
 from pgcoord.errors import InvalidTypeError, PgcoordError
 from pgcoord.queue import deadletters, queries
 from pgcoord.queue.deadletters import FailedJob
@@ -376,17 +375,9 @@ class EventQueue(Service):
         pg_channel = self._pg_channel(channel)
         state = self._notify_state(pg_channel)
         if transaction is None:
-            # acquire/release, not the connection() context manager: on this hot path the
-            # generator-based context managers cost a measurable share of the client CPU.
-            rt = self._rt
-            conn = await rt.acquire()
-            try:
+            async with self._rt.connection() as conn:
                 cur = await conn.execute(plain, params)
                 rows = await cur.fetchall()
-            except psycopg.Error as exc:
-                raise translate(exc, rt.dsn) from exc
-            finally:
-                await rt.release(conn)
             # Committed: a NOTIFY sent from now on reveals these jobs to whoever it wakes.
             # None is needed when no worker of the queue may be asleep (all busy, or none).
             if rows and rows[0][1]:
