@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import psycopg
@@ -32,6 +33,18 @@ log = logging.getLogger("pgcoord.listener")
 NotifyCallback = Callable[[str, str], None]
 #: Awaited after every reconnect, once LISTEN is active again on every channel.
 ReconnectHook = Callable[[], Awaitable[None]]
+#: Called at once (on the loop) when the connection is found lost, before reconnecting.
+LostHook = Callable[[], None]
+
+# The LISTEN session names this process as the holder of its lease rows (locks), so nothing
+# may end it but the process: database or role defaults that would are turned off, and the
+# session's start is read to tell it from a later session that reuses its pid.
+_SETUP = (
+    "SELECT set_config('idle_session_timeout', '0', false),"
+    " set_config('statement_timeout', '0', false),"
+    " set_config('idle_in_transaction_session_timeout', '0', false),"
+    " (SELECT backend_start FROM pg_stat_get_activity(pg_backend_pid()))"
+)
 
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 5.0
@@ -52,6 +65,10 @@ class Listener:
         self._heartbeat = heartbeat
         self._callbacks: dict[str, list[NotifyCallback]] = {}
         self._hooks: list[ReconnectHook] = []
+        self._lost_hooks: list[LostHook] = []
+        self._identity: tuple[int, datetime.datetime] | None = None
+        #: Incremented each time a new connection is established.
+        self.generation = 0
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._active: set[str] = set()  # channels LISTENed on the current connection
         self._waiters: list[asyncio.Future[None]] = []
@@ -68,7 +85,21 @@ class Listener:
     async def connect(self) -> None:
         """Open the first connection; raises :class:`ConnectionFailedError` naming the host."""
         if self._conn is None:
-            self._conn = await _driver.connect(self._dsn, connect_timeout=self._connect_timeout)
+            self._conn = await self._open()
+
+    async def _open(self) -> psycopg.AsyncConnection[Any]:
+        conn = await _driver.connect(self._dsn, connect_timeout=self._connect_timeout)
+        try:
+            with _driver.translated(self._dsn):
+                cur = await conn.execute(_SETUP)
+                row = await cur.fetchone()
+        except BaseException:
+            await conn.close()
+            raise
+        assert row is not None
+        self._identity = (conn.info.backend_pid, row[3])
+        self.generation += 1
+        return conn
 
     async def start(self) -> None:
         """Start listening (connecting first if :meth:`connect` was not called).
@@ -113,6 +144,23 @@ class Listener:
         )
 
     @property
+    def identity(self) -> tuple[int, datetime.datetime] | None:
+        """(backend pid, backend start) of the current LISTEN session; None while disconnected.
+
+        Lease rows (locks) name their holder by it: the server sees at once when it ends.
+        """
+        return self._identity if self._conn is not None and not self._conn.closed else None
+
+    def add_lost_hook(self, hook: LostHook) -> None:
+        """Call ``hook()`` at once whenever the connection is found lost (before reconnecting)."""
+        self._lost_hooks.append(hook)
+
+    def remove_lost_hook(self, hook: LostHook) -> None:
+        """Undo :meth:`add_lost_hook` (no error when not registered)."""
+        with contextlib.suppress(ValueError):
+            self._lost_hooks.remove(hook)
+
+    @property
     def server_version(self) -> int | None:
         """The server's version number (e.g. 150004), known once connected."""
         return self._conn.info.server_version if self._conn is not None else None
@@ -127,6 +175,11 @@ class Listener:
         """Run ``hook`` after every reconnect (not after the first connect)."""
         self._hooks.append(hook)
 
+    def remove_reconnect_hook(self, hook: ReconnectHook) -> None:
+        """Undo :meth:`add_reconnect_hook` (no error when not registered)."""
+        with contextlib.suppress(ValueError):
+            self._hooks.remove(hook)
+
     async def listen(self, channel: str, callback: NotifyCallback) -> None:
         """Call ``callback`` for notifications on ``channel`` (a Postgres channel name).
 
@@ -140,11 +193,16 @@ class Listener:
 
     async def unlisten(self, channel: str, callback: NotifyCallback) -> None:
         """Stop calling ``callback`` for ``channel``; UNLISTEN when no callback is left."""
-        callbacks = self._callbacks.get(channel)
-        if callbacks and callback in callbacks:
-            callbacks.remove(callback)
-            if not callbacks:
-                del self._callbacks[channel]
+        await self.unlisten_many([(channel, callback)])
+
+    async def unlisten_many(self, pairs: Iterable[tuple[str, NotifyCallback]]) -> None:
+        """:meth:`unlisten` for each ``(channel, callback)``, in one round trip."""
+        for channel, callback in pairs:
+            callbacks = self._callbacks.get(channel)
+            if callbacks and callback in callbacks:
+                callbacks.remove(callback)
+                if not callbacks:
+                    del self._callbacks[channel]
         await self._sync()
 
     async def _sync(self) -> None:
@@ -166,20 +224,20 @@ class Listener:
     async def _run(self) -> None:
         # The first retry is immediate (a terminated backend or a dropped socket usually
         # reconnects at once); later ones back off so a restarting server is not hammered.
-        backoff = 0.0
+        backoff = _driver.Backoff(_BACKOFF_FIRST, _BACKOFF_MAX)
+        delay = 0.0
         while True:
             try:
                 if self._conn is None or self._conn.closed:
                     # start() made the first connection; getting here means it was lost.
-                    self._conn = await _driver.connect(
-                        self._dsn, connect_timeout=self._connect_timeout
-                    )
+                    self._conn = await self._open()
                     await self._apply_channels(self._conn)
                     self._connected.set()
                     self.reconnects += 1
                     log.warning("pgcoord listener reconnected (backend pid %s)", self.backend_pid)
                     self._run_hooks()
-                backoff = 0.0
+                backoff.reset()
+                delay = 0.0
                 await self._serve(self._conn)
             except asyncio.CancelledError:
                 raise
@@ -189,11 +247,11 @@ class Listener:
                 # again on reconnect, and the reconnect hooks cover the gap.
                 self._release_waiters()
                 log.warning(
-                    "pgcoord listener connection lost (%s); reconnecting in %.2f s", exc, backoff
+                    "pgcoord listener connection lost (%s); reconnecting in %.2f s", exc, delay
                 )
                 await self._close()
-                await asyncio.sleep(backoff)
-                backoff = min(max(backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
+                await asyncio.sleep(delay)
+                delay = backoff.next()
 
     async def _apply_channels(self, conn: psycopg.AsyncConnection[Any]) -> None:
         # Repeat until nothing changed meanwhile: a listen() made while a LISTEN was in flight
@@ -268,5 +326,111 @@ class Listener:
         self._connected.clear()
         self._active = set()
         if conn is not None:
+            self._identity = None
+            for hook in tuple(self._lost_hooks):
+                try:
+                    hook()
+                except Exception:
+                    log.exception("pgcoord listener lost hook %r failed", hook)
+        if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
+
+
+class ListenerView:
+    """One Coordinator's share of its process's :class:`Listener`.
+
+    Every Coordinator of a process on one server shares one Listener (one connection, see
+    :mod:`pgcoord._shared`) and reaches it through a view of its own, which remembers what that
+    Coordinator registered. :meth:`detach` (at its ``stop()``) removes exactly those callbacks
+    and hooks, UNLISTENing the channels no other Coordinator needs, and leaves the others alone.
+    Reads (``connected``, ``identity``, ...) describe the shared connection.
+    """
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+        # Insertion-ordered sets of what this Coordinator registered.
+        self._pairs: dict[tuple[str, NotifyCallback], None] = {}
+        self._hooks: dict[ReconnectHook, None] = {}
+        self._lost_hooks: dict[LostHook, None] = {}
+
+    @property
+    def shared(self) -> Listener:
+        """The process's Listener behind this view."""
+        return self._listener
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is up and LISTEN is active on every channel."""
+        return self._listener.connected
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process id of the LISTEN connection (None while disconnected)."""
+        return self._listener.backend_pid
+
+    @property
+    def identity(self) -> tuple[int, datetime.datetime] | None:
+        """(backend pid, backend start) of the current LISTEN session; None while disconnected."""
+        return self._listener.identity
+
+    @property
+    def generation(self) -> int:
+        """Incremented each time a new LISTEN connection is established."""
+        return self._listener.generation
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was re-established after a loss."""
+        return self._listener.reconnects
+
+    @property
+    def server_version(self) -> int | None:
+        """The server's version number (e.g. 150004), known once connected."""
+        return self._listener.server_version
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the listener is connected and listening (raises TimeoutError)."""
+        await self._listener.wait_connected(timeout)
+
+    async def listen(self, channel: str, callback: NotifyCallback) -> None:
+        """:meth:`Listener.listen`, remembered for :meth:`detach`."""
+        self._pairs[(channel, callback)] = None
+        await self._listener.listen(channel, callback)
+
+    async def unlisten(self, channel: str, callback: NotifyCallback) -> None:
+        """:meth:`Listener.unlisten`."""
+        self._pairs.pop((channel, callback), None)
+        await self._listener.unlisten(channel, callback)
+
+    def add_reconnect_hook(self, hook: ReconnectHook) -> None:
+        """:meth:`Listener.add_reconnect_hook`, remembered for :meth:`detach`."""
+        if hook not in self._hooks:
+            self._hooks[hook] = None
+            self._listener.add_reconnect_hook(hook)
+
+    def remove_reconnect_hook(self, hook: ReconnectHook) -> None:
+        """:meth:`Listener.remove_reconnect_hook`."""
+        if self._hooks.pop(hook, 0) is None:
+            self._listener.remove_reconnect_hook(hook)
+
+    def add_lost_hook(self, hook: LostHook) -> None:
+        """:meth:`Listener.add_lost_hook`, remembered for :meth:`detach`."""
+        if hook not in self._lost_hooks:
+            self._lost_hooks[hook] = None
+            self._listener.add_lost_hook(hook)
+
+    def remove_lost_hook(self, hook: LostHook) -> None:
+        """:meth:`Listener.remove_lost_hook`."""
+        if self._lost_hooks.pop(hook, 0) is None:
+            self._listener.remove_lost_hook(hook)
+
+    async def detach(self) -> None:
+        """Remove everything registered through this view (the Coordinator is stopping)."""
+        for hook in self._hooks:
+            self._listener.remove_reconnect_hook(hook)
+        for lost in self._lost_hooks:
+            self._listener.remove_lost_hook(lost)
+        pairs = list(self._pairs)
+        self._hooks, self._lost_hooks, self._pairs = {}, {}, {}
+        await self._listener.unlisten_many(pairs)

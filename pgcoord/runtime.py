@@ -65,6 +65,12 @@ class Runtime:
             )
         return self._listener
 
+    @property
+    def work_capacity(self) -> int:
+        """How many work connections pgcoord may hold at once (the pool's maximum)."""
+        pool = self._pool
+        return pool.max_size if pool is not None else 1
+
     def check_running(self) -> None:
         """Raise :class:`NotRunningError` unless the Coordinator is running."""
         if not self.running:

@@ -1,8 +1,21 @@
-"""``Lock``: one held lock, its lease, its fencing token."""
+"""``Lock``: one held lock, its lease, its fencing token.
+
+A lock lives in one of two places on the server, and moves at most once:
+
+1. **On a session** (the first ``PROMOTE_AFTER`` seconds): a session advisory lock on a work
+   connection borrowed for it, with ``idle_session_timeout`` as the lease. Taking and releasing
+   it are read-only statements, as cheap as the raw advisory pair, and short critical sections
+   (the common case) never leave this phase.
+2. **As a lease row** (``lock_leases``): the lock is written down with the holding process's
+   LISTEN session as its holder and ``expires_at`` on the server's clock as its lease; the
+   advisory lock is let go and the connection goes back to the pool. Holding it costs nothing
+   but the row, however many are held, and no entry of the server's shared lock table.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import inspect
 import logging
@@ -12,22 +25,23 @@ from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 
-from pgcoord.errors import LockError, LockLostError
+from pgcoord.errors import LockError, LockLostError, PgcoordError
 from pgcoord.locks import lease
 from pgcoord.validation import check_callable
 
 if TYPE_CHECKING:
-    from pgcoord.locks.connections import LockConnection
     from pgcoord.locks.keygate import KeyGate
     from pgcoord.locks.manager import LockManager
 
 log = logging.getLogger("pgcoord.locks")
 
+#: A lock held this long moves from its session to a lease row (and its connection goes back).
+#: Short enough that held locks cost connections only for a moment; long enough that ordinary
+#: short critical sections are taken and released with two read-only statements.
+PROMOTE_AFTER = 0.05
 
-#: A held lock's socket is watched only once the lock has been held this long, so short critical
-#: sections (the common case) never pay the two system calls a watch costs; a session that dies
-#: is still noticed far within the second the API promises.
-WATCH_DELAY = 0.05
+#: How soon a promotion that could not run (listener reconnecting) is tried again.
+_PROMOTE_RETRY = 0.2
 
 
 class _Same(enum.Enum):
@@ -52,27 +66,30 @@ class Lock:
     that refuse writes carrying an older token.
 
     The lease: unless released or extended within ``ttl`` seconds of the last acquire/extend, the
-    server ends the holder's session, which frees the lock for others even if this process is
-    frozen or cut off. ``lost`` turns true no later than that (this side counts conservatively, so
-    it never believes it holds longer than the server grants), or at once when the session dies. A lost lock cannot be extended (:class:`LockLostError`) and releasing it does
-    nothing.
+    server lets another holder in, even if this process is frozen or cut off. ``lost`` turns true
+    no later than that (this side counts conservatively, so it never believes it holds longer
+    than the server grants), or at once when the holding session or process's LISTEN session
+    ends. A lost lock cannot be extended (:class:`LockLostError`) and releasing it does nothing.
     """
 
     __slots__ = (
         "_acquired",
         "_busy",
+        "_conn",
         "_deadline",
         "_gate",
+        "_generation",
         "_idle",
         "_key",
-        "_lconn",
         "_loop",
         "_manager",
+        "_promoting",
         "_state",
         "_timer",
         "_token",
         "_ttl",
         "advisory_key",
+        "channel",
     )
 
     def __init__(
@@ -80,8 +97,9 @@ class Lock:
         manager: LockManager,
         key: str,
         advisory_key: int,
+        channel: str,
         gate: KeyGate,
-        lconn: LockConnection,
+        conn: psycopg.AsyncConnection[Any],
         token: int,
         ttl: float | None,
         lease_start: float,
@@ -90,17 +108,22 @@ class Lock:
         self._key = key
         #: The 64-bit PostgreSQL advisory key this lock maps to (see docs/locks.md).
         self.advisory_key = advisory_key
+        #: The Postgres channel its release wakes waiters on.
+        self.channel = channel
         self._gate = gate
-        self._lconn: LockConnection | None = lconn
+        #: The session holding the advisory lock; None once promoted to a lease row.
+        self._conn: psycopg.AsyncConnection[Any] | None = conn
+        self._generation: int | None = None  # the listener connection a lease row names
         self._token = token
         self._ttl = ttl
         self._loop = asyncio.get_running_loop()
         self._deadline = lease.local_deadline(lease_start, ttl)
-        self._acquired = lease.now()
+        self._acquired = lease_start
         self._state = _State.HELD
-        self._busy = False  # a release/extend statement is in flight
+        self._busy = False  # a statement on this lock is in flight
         self._idle: asyncio.Event | None = None  # set when it ends, if another task waits
         self._timer: asyncio.TimerHandle | None = None
+        self._promoting: asyncio.Task[None] | None = None
         self._arm()
 
     # -- state -----------------------------------------------------------------------------
@@ -142,9 +165,19 @@ class Lock:
         return max(0.0, self._deadline - lease.now())
 
     @property
+    def promoted(self) -> bool:
+        """True once the lock is held by a lease row rather than by a session (see module doc)."""
+        return self._state is _State.HELD and self._conn is None
+
+    @property
     def backend_pid(self) -> int | None:
-        """The server process whose session holds the lock (None once released or lost)."""
-        return self._lconn.backend_pid if self._lconn is not None else None
+        """The server process whose session holds the lock: the borrowed session at first, the
+        process's LISTEN session once promoted (None once released or lost)."""
+        if self._state is not _State.HELD:
+            return None
+        if self._conn is not None:
+            return self._conn.info.backend_pid
+        return self._manager._holder_pid()
 
     def _holding(self) -> bool:
         # A method, not an inline comparison: the state changes across awaits.
@@ -153,40 +186,45 @@ class Lock:
     def _expired(self) -> bool:
         return self._deadline is not None and lease.now() >= self._deadline
 
-    # -- lease watch -----------------------------------------------------------------------
+    # -- timers ----------------------------------------------------------------------------
 
     def _arm(self) -> None:
         # Deadlines are on lease.now(); the loop's timers only wake us up (if one fires late,
         # after a suspend, every check below still reads the right clock).
         left = None if self._deadline is None else self._deadline - lease.now()
-        if left is not None and left <= WATCH_DELAY:
-            self._timer = self._loop.call_later(left, self._on_expired)
-        else:
-            self._timer = self._loop.call_later(WATCH_DELAY, self._watch)
-
-    def _watch(self) -> None:
-        self._timer = None
-        if self._lconn is None or self._busy:  # pragma: no cover - an op disarms first
-            return
-        self._lconn.watch(self._on_broken)
-        if self._deadline is not None:
-            self._timer = self._loop.call_later(self._deadline - lease.now(), self._on_expired)
+        if self._conn is not None and (left is None or left > PROMOTE_AFTER):
+            delay = max(0.0, self._acquired + PROMOTE_AFTER - lease.now())
+            self._timer = self._loop.call_later(delay, self._start_promotion)
+        elif left is not None:
+            self._timer = self._loop.call_later(max(0.0, left), self._on_expired)
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._lconn is not None:
-            self._lconn.unwatch()
 
     def _on_expired(self) -> None:
         self._timer = None
         if not self._busy:  # a statement in flight settles the outcome itself
             self._lose("its ttl passed without extend or release")
 
-    def _on_broken(self) -> None:
-        if not self._busy:
-            self._lose("its database session ended")
+    def _start_promotion(self) -> None:
+        self._timer = None
+        if self._holding() and self._conn is not None and self._promoting is None:
+            self._promoting = self._loop.create_task(self._promote_quietly())
+
+    async def _promote_quietly(self) -> None:
+        try:
+            await self.promote()
+        except Exception:  # logged by promote; the lock is lost then
+            pass
+        finally:
+            self._promoting = None
+
+    def on_listener_lost(self) -> None:
+        """The process's LISTEN session ended: a lease row naming it is free for anyone now."""
+        if self._holding() and self._conn is None:
+            self._lose("the process's LISTEN session, which holds its lease row, ended")
 
     def _lose(self, why: str, level: int = logging.WARNING) -> None:
         """The lease is over: drop the session (which frees the lock if it still held it)."""
@@ -198,18 +236,16 @@ class Lock:
 
     def _finish(self, *, reuse: bool) -> None:
         self._disarm()
-        lconn, self._lconn = self._lconn, None
-        if lconn is not None:
-            self._manager._connection_done(lconn, reuse=reuse)
-        self._manager._lock_done(self)
+        conn, self._conn = self._conn, None
+        self._manager._lock_done(self, conn, reuse=reuse)
 
-    def _force_lost(self) -> None:
+    def force_lost(self) -> None:
         """Called by the manager when the Coordinator stops: the lock ends with it."""
         self._lose("the Coordinator stopped", logging.INFO)
 
     async def _begin(self) -> None:
-        """Start an operation: one statement at a time on the lock's session."""
-        while self._busy:  # another task of this process is releasing/extending this lock
+        """Start an operation: one statement at a time on this lock."""
+        while self._busy:  # another task of this process is working on this lock
             if self._idle is None:
                 self._idle = asyncio.Event()
             await self._idle.wait()
@@ -221,14 +257,61 @@ class Lock:
         idle, self._idle = self._idle, None
         if idle is not None:
             idle.set()
+        if self._state is _State.HELD and self._timer is None:
+            self._arm()
+
+    # -- promotion -------------------------------------------------------------------------
+
+    async def promote(self) -> None:
+        """Move the lock from its session to a lease row now (no-op once promoted or over).
+
+        Called by a timer after ``PROMOTE_AFTER``, and by the manager when the connection is
+        needed (the budget) or ``holders()`` should list it. It stays on its session while the
+        process's LISTEN session is down (a lease row must name a live holder).
+        """
+        if not self._holding() or self._conn is None:
+            return
+        await self._begin()
+        try:
+            conn = self._conn
+            if not self._holding() or conn is None:
+                return
+            if self._expired():
+                self._lose("its ttl passed before it was promoted")
+                return
+            identity = self._manager._holder_identity()
+            if identity is None:
+                self._timer = self._loop.call_later(_PROMOTE_RETRY, self._start_promotion)
+                return
+            (pid, start), generation = identity
+            left = None if self._deadline is None else self._deadline - lease.now()
+            try:
+                promoted = await self._manager._promote(self, conn, pid, start, left)
+            except asyncio.CancelledError:
+                # The Coordinator is stopping: the session is closed, which frees the lock.
+                self._lose("the Coordinator stopped while it was being promoted", logging.INFO)
+                raise
+            except BaseException as exc:
+                self._lose(f"its session ended before it was promoted ({exc!r})")
+                raise
+            if not promoted:
+                self._timer = self._loop.call_later(_PROMOTE_RETRY, self._start_promotion)
+                return
+            self._conn = None
+            self._generation = generation
+            self._manager._promoted(self, conn)
+            if self._manager._holder_identity_generation() != generation:
+                self.on_listener_lost()  # it ended while the promotion was under way
+        finally:
+            self._end()
 
     # -- operations ------------------------------------------------------------------------
 
     async def release(self) -> None:
         """Release the lock; idempotent, and a no-op once the lock was released or lost.
 
-        It only ever frees this holding: the session that held it goes back to the pool only
-        after the unlock, and a Lock never touches a session after that.
+        It only ever frees this holding: the session goes back to the pool only after the
+        unlock, and a lease row is deleted only while it still carries this lock's token.
         """
         if self._state is not _State.HELD:
             return
@@ -239,23 +322,24 @@ class Lock:
             if self._expired():
                 self._lose("its ttl passed before release")
                 return
-            lconn = self._lconn
-            assert lconn is not None
             try:
-                cur = await lconn.conn.execute(
-                    self._manager._queries.release, (self.advisory_key,), binary=True
-                )
-                row = await cur.fetchone()
+                released = await self._manager._release(self, self._conn)
             except BaseException as exc:
                 self._lose(f"release failed ({exc!r})")
-                if isinstance(exc, psycopg.Error):
-                    return  # the session is gone, and the lock with it: nothing left to release
+                if isinstance(exc, psycopg.Error | PgcoordError):
+                    return  # the session or lease is gone, and the lock with it
                 raise
-            if not row or not row[0]:
-                self._lose("the session no longer held it")
+            if not released:
+                self._lose("the server no longer had it")
                 return
             self._state = _State.RELEASED
-            self._finish(reuse=True)
+            self._disarm()
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                # Back before the next acquisition of this task borrows: a busy loop keeps
+                # reusing the same warm connection.
+                await self._manager._give_back(conn)
+            self._manager._lock_done(self, None, reuse=True)
         finally:
             self._end()
 
@@ -277,31 +361,27 @@ class Lock:
                     f"the lock {self._key!r} (token {self._token}) was lost before extend: "
                     "its lease ended or its session died, and another holder may have it"
                 )
-            lconn = self._lconn
-            assert lconn is not None
             sent_at = lease.now()
-            # The holder row now differs from what the next acquisition on this session expects.
-            lconn.registered = None
             try:
-                await lconn.conn.execute(
-                    self._manager._queries.extend,
-                    (lease.server_ttl_ms(new_ttl), sent_at - self._acquired),
-                )
+                extended = await self._manager._extend(self, self._conn, new_ttl)
             except BaseException as exc:
                 self._lose(f"extend failed ({exc!r})")
-                if isinstance(exc, psycopg.Error):
+                if isinstance(exc, psycopg.Error | PgcoordError):
                     raise LockLostError(
                         f"the lock {self._key!r} (token {self._token}) was lost: its session "
-                        f"ended before the extend reached the server ({exc})"
+                        f"or lease ended before the extend reached the server ({exc})"
                     ) from exc
                 raise
-            # The server restarted its idle timer when it ran the statement, after sent_at.
+            if not extended:
+                self._lose("its lease ended before the extend reached the server")
+                raise LockLostError(
+                    f"the lock {self._key!r} (token {self._token}) was lost before extend"
+                )
+            # The server restarted the lease when it ran the statement, after sent_at.
             self._ttl = new_ttl
             self._deadline = lease.local_deadline(sent_at, new_ttl)
         finally:
             self._end()
-            if self._state is _State.HELD:
-                self._arm()
 
     async def run_exclusive(self, fn: Callable[[], Any], ttl: float | _Same | None = SAME) -> Any:
         """Run ``fn()`` (sync or async, no arguments) under this lock, release it, return the result.
@@ -350,6 +430,13 @@ class Lock:
                 f"the lock {self._key!r} (token {self._token}) was lost before its release"
             )
 
+    async def _stop_promotion(self) -> None:
+        task = self._promoting
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
     async def __aenter__(self) -> Lock:
         return self
 
@@ -365,4 +452,5 @@ class Lock:
             await self.release()
 
     def __repr__(self) -> str:
-        return f"<pgcoord.Lock {self._key!r} token={self._token} {self._state.value}>"
+        where = "lease" if self._conn is None else "session"
+        return f"<pgcoord.Lock {self._key!r} token={self._token} {self._state.value} ({where})>"

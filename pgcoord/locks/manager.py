@@ -1,19 +1,24 @@
-"""``LockManager``: distributed locks on PostgreSQL advisory locks, with server-enforced leases.
+"""``LockManager``: distributed locks that hold no connection, with server-decided leases.
 
-How a lock is taken (one round trip when uncontended): this process's gate for the key (which
-bounds the connections one key may use), then a dedicated connection from the lock budget, then
-one statement on it that takes the session-level advisory lock (waiting in the server's FIFO
-queue, no polling), arms ``idle_session_timeout`` as the lease and draws the fencing token. The
-first acquisition on a session calls the ``lock_acquire`` function (it also records the holder
-and reads the token epoch); re-taking the same key on a warm session is a plain statement that
-writes nothing. See docs/locks.md for the decisions and their reasons.
+How a lock is taken (one round trip when uncontended): this process's gate for the key (one
+task per key on the server at a time; the others queue here, FIFO), then a work connection from
+the process's budget, then one read-only statement that takes the session advisory lock, checks
+that no lease row holds the key, arms the session's lease and draws the fencing token. After
+``PROMOTE_AFTER`` the lock becomes a lease row and the connection goes back (see lock.py).
+
+Nobody waits on the server. A contender that finds the key held marks it ``wanted`` in its
+lease row and sleeps until a NOTIFY on the key's channel (sent by a release that finds the
+mark), the holder's lease end, or ``lock_recheck`` seconds (which notices a holder whose process
+died, or an ``xact_lock`` that committed), whichever comes first. See docs/locks.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -24,7 +29,6 @@ import psycopg
 from pgcoord import _driver
 from pgcoord.errors import ConnectionFailedError, LockAcquireError, NotRunningError
 from pgcoord.locks import lease
-from pgcoord.locks.connections import LockConnection, LockConnections
 from pgcoord.locks.keygate import KeyGate, KeyGates
 from pgcoord.locks.lock import Lock
 from pgcoord.locks.queries import LockQueries
@@ -39,12 +43,13 @@ SERVICE_TAG = "locks"
 
 _ADVISORY_CACHE = 4096
 
-# Backoff while the server comes back after a waiting session was lost.
-_RETRY_FIRST = 0.05
-_RETRY_MAX = 1.0
+#: How many work connections fresh (not yet promoted) locks may use at once, by default.
+DEFAULT_SESSIONS = 2
 
-# How long stop() waits for acquisitions it cancelled on the server to come back.
-_STOP_WAIT = 5.0
+#: Every LockManager of the process, so ``holders()`` can promote this process's fresh locks.
+_MANAGERS: weakref.WeakSet[LockManager] = weakref.WeakSet()
+
+Connection = psycopg.AsyncConnection[Any]
 
 
 @dataclass(frozen=True)
@@ -55,15 +60,13 @@ class LockHolder:
     key: str
     #: The holding Coordinator's ``instance_id``.
     instance_id: str
-    #: When it was acquired (Unix time, seconds, server clock; None without the permission to
-    #: read the holder's ``pg_stat_activity`` row).
+    #: When it was acquired (Unix time, seconds, server clock).
     since: float | None
     #: The lease length in seconds (None: no lease).
     ttl: float | None
-    #: Seconds until the server ends the lease if the holder stays silent (None: no lease, or
-    #: not visible).
+    #: Seconds until the server ends the lease if the holder stays silent (None: no lease).
     expires_in: float | None
-    #: The server process of the holding session.
+    #: The server process of the holding process's LISTEN session.
     pid: int
 
 
@@ -73,67 +76,73 @@ class LockManager(Service):
     ``acquire`` waits, ``try_acquire`` gives up after ``timeout`` seconds (0: at once),
     ``run_exclusive`` runs a function under a lock, ``lock`` is the ``async with`` form and
     ``xact_lock`` takes a lock inside your own transaction. Every ``ttl`` is a lease the server
-    enforces (default 30 s; ``None``: no lease). Options: ``lock_max_connections`` (default 10)
-    bounds the connections this process uses for held and waiting locks;
-    ``lock_key_connections`` (default 2) bounds those one key may use (its holder plus queued
-    waiters; further tasks queue in-process); ``lock_idle_timeout`` (default 10 s) closes lock
-    connections unused that long.
+    decides (default 30 s; ``None``: no lease). A held lock costs no connection once it is
+    ``PROMOTE_AFTER`` old. Options: ``lock_max_connections`` (default: all but one of the work
+    connections, at most 2) bounds the work connections lending themselves to fresh locks at once (older
+    ones are promoted to make room; default 2); ``lock_recheck`` (default 1 s) is how often a waiter
+    looks again without a wake-up. ``lock_key_connections`` and ``lock_idle_timeout`` are
+    still accepted and validated, and no longer needed.
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {
-        "lock_max_connections": 10,
-        "lock_key_connections": 2,
+        "lock_max_connections": None,
+        "lock_recheck": 1.0,
+        "lock_key_connections": 1,
         "lock_idle_timeout": 10.0,
     }
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
-        self._max_connections = check_int(
-            self.option("lock_max_connections"), "lock_max_connections", minimum=1
+        cap = self.option("lock_max_connections")
+        self._max_sessions = (
+            None if cap is None else check_int(cap, "lock_max_connections", minimum=1)
         )
-        key_connections = check_int(
-            self.option("lock_key_connections"), "lock_key_connections", minimum=1
-        )
-        self._idle_timeout = check_positive(self.option("lock_idle_timeout"), "lock_idle_timeout")
+        self._recheck = check_positive(self.option("lock_recheck"), "lock_recheck")
+        check_int(self.option("lock_key_connections"), "lock_key_connections", minimum=1)
+        check_positive(self.option("lock_idle_timeout"), "lock_idle_timeout")
         self._queries = LockQueries.for_schema(runtime.schema)
-        self._gates = KeyGates(key_connections)
+        # One task per key on the server: the session holding a key re-enters it, so tasks
+        # of this process are kept apart here, FIFO.
+        self._gates = KeyGates(1)
         self._advisory_keys: dict[str, int] = {}
-        self._connections: LockConnections | None = None
         self._held: set[Lock] = set()
-        self._waiting: set[LockConnection] = set()
-        self._waiting_done = asyncio.Event()  # set when the last server-side wait ended
+        self._sessions: dict[Lock, None] = {}  # held on a session, oldest first
+        self._wakeups: dict[str, asyncio.Event] = {}  # channel -> the waiting task's event
         self._stopping = False
+        _MANAGERS.add(self)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def _start(self) -> None:
-        assert self._rt.dsn is not None
         self._stopping = False
-        self._connections = LockConnections(
-            self._rt.dsn,
-            max_size=self._max_connections,
-            idle_timeout=self._idle_timeout,
-            connect_timeout=self._rt.connect_timeout,
-            app=self._rt.app,
-            instance_id=self._rt.instance_id,
-        )
-        async with self._rt.connection() as conn:
-            await conn.execute(self._queries.prune)
+        self._rt.listener.add_lost_hook(self._on_listener_lost)
 
     async def _stop(self) -> None:
         self._stopping = True
-        for lock in list(self._held):
-            lock._force_lost()
-        # Acquisitions blocked on the server: cancel their statements so they end now.
-        for lconn in list(self._waiting):
-            with contextlib.suppress(Exception):
-                await lconn.conn.cancel_safe(timeout=_STOP_WAIT)
-        if self._waiting:
-            self._waiting_done.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._waiting_done.wait(), _STOP_WAIT)
-        if self._connections is not None:
-            await self._connections.close()
+        with contextlib.suppress(NotRunningError):
+            self._rt.listener.remove_lost_hook(self._on_listener_lost)
+        for event in self._wakeups.values():
+            event.set()  # waiters see the stop and raise
+        held = list(self._held)
+        for lock in held:
+            await lock._stop_promotion()
+        leases = [lock for lock in held if lock.promoted]
+        for lock in held:
+            lock.force_lost()  # sessions are closed, which frees their advisory locks
+        if leases:
+            # Free the lease rows now rather than leaving the others to wait for the ttl.
+            try:
+                async with self._rt.connection() as conn:
+                    await conn.execute(
+                        self._queries.release_leases,
+                        (
+                            [lock.advisory_key for lock in leases],
+                            [lock.token for lock in leases],
+                            [lock.channel for lock in leases],
+                        ),
+                    )
+            except Exception:
+                log.warning("pgcoord: could not free %d lease rows at stop", len(leases))
 
     def _check_running(self) -> None:
         if self._stopped():
@@ -141,6 +150,9 @@ class LockManager(Service):
                 "the pgcoord Coordinator is not running (not started yet, or stopped); "
                 "its locks ended when it stopped"
             )
+
+    def _stopped(self) -> bool:
+        return self._stopping or not self._rt.running
 
     # -- acquiring -------------------------------------------------------------------------
 
@@ -197,174 +209,264 @@ class LockManager(Service):
                 "this process holds it or waits for it"
             )
         try:
-            return await self._acquire_on_server(name, advisory_key, gate, ttl_s, deadline)
+            return await self._take(name, advisory_key, gate, ttl_s, deadline)
         except BaseException:
             gate.exit()
             self._gates.leave(advisory_key, gate)
             raise
 
-    async def _acquire_on_server(
+    async def _take(
+        self, name: str, advisory_key: int, gate: KeyGate, ttl: float | None, deadline: float | None
+    ) -> Lock:
+        loop = asyncio.get_running_loop()
+        only_try = deadline is not None and deadline <= loop.time()
+        channel = self._rt.channel(SERVICE_TAG, name)
+        ttl_ms = lease.server_ttl_ms(ttl)
+        # A single try (timeout 0) still waits for a connection: the budget being in use says
+        # nothing about the lock.
+        conn_deadline = None if only_try else deadline
+        wakeup: asyncio.Event | None = None
+        retry = Backoff(self._rt.connect_timeout)
+        try:
+            while True:
+                try:
+                    lock, expires_in, newly_wanted = await self._attempt(
+                        name,
+                        advisory_key,
+                        channel,
+                        gate,
+                        ttl,
+                        ttl_ms,
+                        conn_deadline,
+                        wakeup is not None,
+                    )
+                except ConnectionFailedError:
+                    # A pooled session died (server restart, terminate): the pool replaces it.
+                    # Go on trying for as long as the connect timeout lets the server come back.
+                    if self._stopped() or not await retry.wait(deadline):
+                        raise
+                    continue
+                retry.reset()
+                if lock is not None:
+                    return lock
+                if only_try:
+                    raise LockAcquireError(f"the lock {name!r} is held by another holder")
+                if wakeup is None:
+                    # Listen before marking the key: a release that sees the mark must find us
+                    # listening. Then try again at once, this time leaving the mark.
+                    wakeup = asyncio.Event()
+                    self._wakeups[channel] = wakeup
+                    await self._rt.listener.listen(channel, self._on_wakeup)
+                    continue
+                if newly_wanted:
+                    continue  # a release may have run between our try and our mark
+                await self._sleep(wakeup, expires_in, deadline, name)
+        finally:
+            if wakeup is not None:
+                self._wakeups.pop(channel, None)
+                with contextlib.suppress(Exception):
+                    await self._rt.listener.unlisten(channel, self._on_wakeup)
+
+    async def _attempt(
         self,
         name: str,
         advisory_key: int,
+        channel: str,
         gate: KeyGate,
         ttl: float | None,
+        ttl_ms: int,
         deadline: float | None,
-    ) -> Lock:
-        connections = self._connections
-        assert connections is not None
-        loop = asyncio.get_running_loop()
-        recovering_since: float | None = None  # when a waiting session was lost (restart?)
-        backoff = _RETRY_FIRST
-        while True:
-            try:
-                lconn = await connections.get(deadline)
-            except ConnectionFailedError:
-                if not self._may_retry(recovering_since, deadline):
-                    raise
-                await asyncio.sleep(backoff)  # the server is coming back: wait for it
-                backoff = min(backoff * 2, _RETRY_MAX)
-                continue
-            if lconn is not None and self._stopped():
-                # stop() ran while this acquisition waited for or opened a connection.
-                connections.discard(lconn)
-                raise self._stopped_error(name)
-            if lconn is None:
-                raise LockAcquireError(
-                    f"the lock {name!r} was not acquired in time: all {connections.max_size} "
-                    "lock connections of this process are in use (raise lock_max_connections)"
-                )
-            ttl_ms = lease.server_ttl_ms(ttl)
-            # The holder row is written only when this session last served another key or lease.
-            registered = lconn.registered == (advisory_key, ttl_ms)
-            epoch = lconn.epoch
-            query: str
-            params: tuple[object, ...]
-            if registered and epoch is not None and deadline is None:
-                # The common case (re-taking a key, waiting as long as it takes): one plain
-                # statement, cheaper than the lock_acquire function.
-                query, params = self._queries.acquire_fast, (advisory_key, str(ttl_ms))
-            else:
-                epoch = None
-                remaining = None if deadline is None else deadline - loop.time()
-                wait_ms = lease.server_wait_ms(remaining)
-                query = self._queries.acquire
-                params = (advisory_key, wait_ms, ttl_ms, None if registered else name)
-            self._waiting.add(lconn)
-            sent_at = lease.now()
-            try:
-                # Binary results: the token and the wait need no text parsing.
-                cur = await lconn.conn.execute(query, params, binary=True)
-                row = await cur.fetchone()
-            except psycopg.errors.LockNotAvailable:
-                self._not_waiting(lconn)
-                await self._after_lock_timeout(lconn)
-                row = None
-            except psycopg.Error as exc:
-                self._not_waiting(lconn)
-                connections.discard(lconn)
-                if self._stopped():
-                    raise self._stopped_error(name) from exc
-                error = _driver.translate(exc, self._rt.dsn)
-                if isinstance(error, ConnectionFailedError):
-                    # The session died (server restart?) before it got the lock, and its idle
-                    # siblings most likely with it: go on waiting on a fresh connection, for as
-                    # long as the connect timeout allows the server to come back.
-                    connections.drop_idle()
-                    if recovering_since is None:
-                        recovering_since = loop.time()
-                        continue
-                    if self._may_retry(recovering_since, deadline):
-                        await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, _RETRY_MAX)
-                        continue
-                raise error from exc
-            except BaseException:
-                # Cancelled mid-statement: the lock may or may not have been granted. Closing
-                # the session settles it (a closed session holds nothing).
-                self._not_waiting(lconn)
-                connections.discard(lconn)
-                raise
-            self._not_waiting(lconn)
-            if self._stopped():
-                # stop() ran while the statement was under way and the lock was granted all
-                # the same: a Lock handed out now would outlive the Coordinator. Closing the
-                # session frees it.
-                connections.discard(lconn)
-                raise self._stopped_error(name)
-            if row is None or row[0] is None:
-                if row is not None:
-                    connections.put(lconn)
-                raise LockAcquireError(f"the lock {name!r} is held by another holder")
-            token: int = row[0]
-            if epoch is not None:
-                token += epoch << lease.TOKEN_EPOCH_SHIFT
-            lconn.registered = (advisory_key, ttl_ms)
-            lconn.epoch = token >> lease.TOKEN_EPOCH_SHIFT
-            # The lease runs from the end of the statement, which was at least `waited` after
-            # it was sent: counting from there keeps the client's deadline before the server's.
-            # (Capped by the client's own elapsed time, in case the server's clock was stepped.)
-            waited = min(float(row[1]), lease.now() - sent_at)
-            lock = Lock(self, name, advisory_key, gate, lconn, token, ttl, sent_at + waited)
-            self._held.add(lock)
-            return lock
-
-    def _stopped(self) -> bool:
-        return self._stopping or not self._rt.running
-
-    @staticmethod
-    def _stopped_error(name: str) -> NotRunningError:
-        return NotRunningError(f"the pgcoord Coordinator stopped while acquiring the lock {name!r}")
-
-    def _may_retry(self, recovering_since: float | None, deadline: float | None) -> bool:
-        """Whether an acquisition that lost its session may try again after a connection error."""
-        if recovering_since is None or self._stopped():
-            return False  # a first failure to connect is the caller's to see, at once
-        now = asyncio.get_running_loop().time()
-        if deadline is not None and now >= deadline:
-            return False
-        return now - recovering_since < self._rt.connect_timeout
-
-    async def _after_lock_timeout(self, lconn: LockConnection) -> None:
-        """Make a session whose wait hit ``lock_timeout`` fit for reuse, or drop it.
-
-        ``lock_timeout`` can fire just as the lock is granted; PostgreSQL then reports the
-        timeout but keeps the lock, and a session-level lock survives the failed statement. So
-        the session lets go of whatever it may hold before it goes back to the pool.
-        """
-        connections = self._connections
-        assert connections is not None
+        mark: bool,
+    ) -> tuple[Lock | None, float | None, bool]:
+        """One try on the server: (the lock, None, False) or (None, holder's lease left, newly
+        marked). ``deadline`` bounds the wait for a connection."""
+        self._check_running()
+        await self._make_room()
         try:
-            await lconn.conn.execute(self._queries.unlock_all)
-        except psycopg.Error:
-            connections.discard(lconn)  # closing the session frees its locks too
-            return
-        except BaseException:
-            connections.discard(lconn)
+            async with asyncio.timeout_at(deadline):
+                conn = await self._rt.acquire()
+        except ConnectionFailedError:
+            self._check_running()  # the pool closed under us because the Coordinator stopped
             raise
-        connections.put(lconn)
+        except TimeoutError:
+            raise LockAcquireError(
+                f"the lock {name!r} was not acquired in time: no database connection came free "
+                "(the process's connection budget is in use)"
+            ) from None
+        sent_at = lease.now()
+        try:
+            if mark:
+                cur = await conn.execute(
+                    self._queries.acquire_waiting, (advisory_key, ttl_ms), binary=True
+                )
+                token, expires_in, newly = await cur.fetchone() or (None, None, False)
+            else:
+                cur = await conn.execute(
+                    self._queries.acquire, (str(ttl_ms), advisory_key), binary=True
+                )
+                row = await cur.fetchone()
+                token, expires_in, newly = (row[0] if row else None), None, False
+        except BaseException as exc:
+            # Cancelled or failed mid-statement: the lock may or may not have been granted.
+            # Closing the session settles it (a closed session holds nothing).
+            await self._discard(conn)
+            if isinstance(exc, psycopg.Error):
+                raise _driver.translate(exc, self._rt.dsn) from exc
+            raise
+        if token is None:
+            await self._rt.release(conn)
+            return None, None if expires_in is None else float(expires_in), bool(newly)
+        if self._stopped():
+            # stop() ran while the statement was under way: a Lock handed out now would outlive
+            # the Coordinator. Closing the session frees it.
+            await self._discard(conn)
+            raise NotRunningError(f"the pgcoord Coordinator stopped while acquiring {name!r}")
+        lock = Lock(self, name, advisory_key, channel, gate, conn, int(token), ttl, sent_at)
+        self._held.add(lock)
+        self._sessions[lock] = None
+        return lock, None, False
 
-    def _not_waiting(self, lconn: LockConnection) -> None:
-        self._waiting.discard(lconn)
-        if not self._waiting:
-            self._waiting_done.set()
+    async def _sleep(
+        self,
+        wakeup: asyncio.Event,
+        expires_in: float | None,
+        deadline: float | None,
+        name: str,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        wait = self._recheck if expires_in is None else min(self._recheck, max(0.0, expires_in))
+        if deadline is not None:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise LockAcquireError(f"the lock {name!r} was not acquired in time")
+            wait = min(wait, left)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wakeup.wait(), wait)
+        wakeup.clear()
+        self._check_running()
+
+    def _on_wakeup(self, channel: str, _payload: str) -> None:
+        event = self._wakeups.get(channel)
+        if event is not None:
+            event.set()
+
+    async def _make_room(self) -> None:
+        """Promote the oldest session-held locks while they use the connections others need."""
+        cap = self._session_cap()
+        while len(self._sessions) >= cap:
+            oldest = next(iter(self._sessions))
+            await oldest.promote()
+            if oldest in self._sessions:
+                break  # could not promote now (listener down): wait for a connection instead
+
+    async def _discard(self, conn: Connection) -> None:
+        with contextlib.suppress(Exception):
+            await conn.close()
+        with contextlib.suppress(Exception):
+            await self._rt.release(conn)
+
+    def _advisory(self, name: str) -> int:
+        # Hot keys are re-taken constantly; the hash is cached (bounded: cleared when full).
+        key = self._advisory_keys.get(name)
+        if key is None:
+            if len(self._advisory_keys) >= _ADVISORY_CACHE:
+                self._advisory_keys.clear()
+            key = self._advisory_keys[name] = self._rt.advisory_key(SERVICE_TAG, name)
+        return key
 
     # -- called by Lock --------------------------------------------------------------------
 
-    def _connection_done(self, lconn: LockConnection, *, reuse: bool) -> None:
-        connections = self._connections
-        if connections is None:  # pragma: no cover - a Lock exists only after _start
-            return
-        if reuse:
-            connections.put(lconn)
-        else:
-            connections.discard(lconn)
+    def _holder_identity(self) -> tuple[tuple[int, datetime.datetime], int] | None:
+        listener = self._rt.listener
+        identity = listener.identity
+        if identity is None or not listener.connected:
+            return None
+        return identity, listener.generation
 
-    def _lock_done(self, lock: Lock) -> None:
+    def _holder_identity_generation(self) -> int | None:
+        listener = self._rt.listener
+        return listener.generation if listener.connected else None
+
+    def _holder_pid(self) -> int | None:
+        identity = self._rt.listener.identity
+        return None if identity is None else identity[0]
+
+    async def _promote(
+        self,
+        lock: Lock,
+        conn: Connection,
+        pid: int,
+        start: datetime.datetime,
+        left: float | None,
+    ) -> bool:
+        q = self._queries
+        params = (
+            lock.advisory_key,
+            lock.token,
+            self._rt.app,
+            lock.key,
+            self._rt.instance_id,
+            pid,
+            start,
+            lease.server_ttl_ms(lock.ttl),
+            None if left is None else max(0, int(left * 1000.0)),  # rounded down: never longer
+            max(0.0, lease.now() - lock._acquired),
+        )
+        # Two statements in one round trip: the lease row commits, then the advisory lock goes.
+        async with conn.pipeline():
+            cur = await conn.execute(q.promote, params)
+            await conn.execute(q.unlock_promoted, (lock.advisory_key, lock.token))
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    def _promoted(self, lock: Lock, conn: Connection) -> None:
+        self._sessions.pop(lock, None)
+        task = asyncio.get_running_loop().create_task(self._rt.release(conn))
+        task.add_done_callback(_log_failure)
+
+    async def _release(self, lock: Lock, conn: Connection | None) -> bool:
+        q = self._queries
+        if conn is not None:
+            cur = await conn.execute(
+                q.unlock, (lock.advisory_key, lock.channel, lock.advisory_key), binary=True
+            )
+        else:
+            async with self._rt.connection() as pooled:
+                cur = await pooled.execute(
+                    q.release_lease, (lock.advisory_key, lock.token, lock.channel), binary=True
+                )
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def _extend(self, lock: Lock, conn: Connection | None, ttl: float | None) -> bool:
+        q = self._queries
+        ttl_ms = lease.server_ttl_ms(ttl)
+        if conn is not None:
+            await conn.execute(q.extend_session, (str(ttl_ms),))
+            return True
+        async with self._rt.connection() as pooled:
+            cur = await pooled.execute(
+                q.extend_lease, (ttl_ms, ttl, lock.advisory_key, lock.token), binary=True
+            )
+            return await cur.fetchone() is not None
+
+    async def _give_back(self, conn: Connection) -> None:
+        await self._rt.release(conn)
+
+    def _lock_done(self, lock: Lock, conn: Connection | None, *, reuse: bool) -> None:
         self._held.discard(lock)
+        self._sessions.pop(lock, None)
+        if conn is not None:
+            loop = asyncio.get_running_loop()
+            put = self._rt.release(conn) if reuse else self._discard(conn)
+            loop.create_task(put).add_done_callback(_log_failure)
         gate = lock._gate
         gate.exit()
         self._gates.leave(lock.advisory_key, gate)
+
+    def _on_listener_lost(self) -> None:
+        for lock in list(self._held):
+            lock.on_listener_lost()
 
     # -- transaction-scoped locks ----------------------------------------------------------
 
@@ -372,8 +474,9 @@ class LockManager(Service):
         """Take ``key``'s lock inside the caller's transaction (``pg_advisory_xact_lock``).
 
         Waits until it is free; it is released when that transaction commits or rolls back.
-        It excludes holders of ``acquire``/``lock`` on the same key too. A sync connection would
-        block the event loop while it waits: use :meth:`xact_lock_sync` for those.
+        It excludes holders of ``acquire``/``lock`` on the same key too (waiting out a promoted
+        lease needs READ COMMITTED; see docs/locks.md). A sync connection would block the event
+        loop while it waits: use :meth:`xact_lock_sync` for those.
         """
         name = check_key(key)
         check_transaction(transaction)
@@ -391,54 +494,85 @@ class LockManager(Service):
         self._check_running()
         execute_sync(transaction, self._queries.xact_lock, (self._advisory(name),))
 
-    def _advisory(self, name: str) -> int:
-        # Hot keys are re-taken constantly; the hash is cached (bounded: cleared when full).
-        key = self._advisory_keys.get(name)
-        if key is None:
-            if len(self._advisory_keys) >= _ADVISORY_CACHE:
-                self._advisory_keys.clear()
-            key = self._advisory_keys[name] = self._rt.advisory_key(SERVICE_TAG, name)
-        return key
-
     # -- observability ---------------------------------------------------------------------
 
     async def holders(self) -> list[LockHolder]:
         """Every lock of this app held right now, by any instance (oldest first).
 
-        Only live holders are listed: a row is shown only while the holding session still holds
-        the advisory lock in ``pg_locks``.
+        This process's own locks are promoted first, so all of them are listed; another
+        process's lock younger than ``PROMOTE_AFTER`` (still on its session) is not.
         """
         self._check_running()
+        for manager in list(_MANAGERS):
+            if manager._same_server(self):
+                for lock in list(manager._sessions):
+                    await lock.promote()
         async with self._rt.connection() as conn:
             cur = await conn.execute(self._queries.holders, (self._rt.app,))
             rows = await cur.fetchall()
         holders = []
-        for name, instance_id, pid, ttl_ms, since, idle_for in rows:
-            ttl = ttl_ms / 1000.0 if ttl_ms else None  # 0 ms is "no lease"
-            expires_in = None
-            if ttl is not None and idle_for is not None:
-                expires_in = max(0.0, ttl - float(idle_for))
+        for name, instance_id, pid, ttl_ms, since, expires_in in rows:
             holders.append(
                 LockHolder(
                     key=name,
                     instance_id=instance_id,
                     since=None if since is None else float(since),
-                    ttl=ttl,
-                    expires_in=expires_in,
+                    ttl=ttl_ms / 1000.0 if ttl_ms else None,  # 0 ms is "no lease"
+                    expires_in=None if expires_in is None else max(0.0, float(expires_in)),
                     pid=int(pid),
                 )
             )
         return holders
 
+    def _same_server(self, other: LockManager) -> bool:
+        return (
+            not self._stopped()
+            and self._rt.dsn == other._rt.dsn
+            and self._rt.schema == other._rt.schema
+        )
+
     def connection_stats(self) -> dict[str, int]:
-        """This process's lock connections: ``open``, ``idle``, ``max`` and ``held`` locks."""
-        connections = self._connections
-        return {
-            "open": connections.size if connections else 0,
-            "idle": connections.idle if connections else 0,
-            "max": self._max_connections,
-            "held": len(self._held),
-        }
+        """This process's lock connections: ``open`` (lent to fresh locks), ``idle`` (always 0:
+        none are kept), ``max`` (the cap on ``open``) and ``held`` locks."""
+        cap = self._session_cap() if self._rt.running else 0
+        return {"open": len(self._sessions), "idle": 0, "max": cap, "held": len(self._held)}
+
+    def _session_cap(self) -> int:
+        # By default two, and always one work connection short of the pool: fresh locks never
+        # take every connection from the other services, and holding many costs at most two.
+        if self._max_sessions is not None:
+            return self._max_sessions
+        return max(1, min(DEFAULT_SESSIONS, self._rt.work_capacity - 1))
+
+
+class Backoff:
+    """Retries after connection failures: 50 ms doubling to 1 s, for ``budget`` seconds."""
+
+    def __init__(self, budget: float) -> None:
+        self._budget = budget
+        self._since: float | None = None
+        self._pause = 0.0
+
+    def reset(self) -> None:
+        """A try went through: the next failure starts a fresh budget."""
+        self._since = None
+        self._pause = 0.0
+
+    async def wait(self, deadline: float | None) -> bool:
+        """Sleep before the next try; False when the budget (or ``deadline``) is spent."""
+        now = asyncio.get_running_loop().time()
+        if self._since is None:
+            self._since = now
+        if now - self._since >= self._budget or (deadline is not None and now >= deadline):
+            return False
+        await asyncio.sleep(self._pause)  # the first retry is immediate
+        self._pause = min(max(self._pause * 2, 0.05), 1.0)
+        return True
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("pgcoord: returning a lock connection failed", exc_info=task.exception())
 
 
 class LockContext:

@@ -1,4 +1,8 @@
-"""The locks service's SQL, composed once per schema (identifiers via ``psycopg.sql``)."""
+"""The locks service's SQL, composed once per schema (identifiers via ``psycopg.sql``).
+
+A lock starts as a session advisory lock on a borrowed work connection and, once held for
+``PROMOTE_AFTER``, becomes a row of ``lock_leases`` (see the 0005 revision for the functions).
+"""
 
 from __future__ import annotations
 
@@ -6,48 +10,51 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-# The hot acquisition as one plain statement (no function call): the lock and the lease in a
-# subquery that cannot be flattened (OFFSET 0; its volatile outputs are never pruned), the
-# sequence value in the outer projection, which only runs on the row the subquery produced, i.e.
-# once the lock is granted. The epoch part of the token is the one this session saw at its first
-# acquisition: valid for the session's whole life, because only crash recovery resets the
-# sequence, and a crash ends every session. The second column is how long the statement waited
-# for the lock (see lock_acquire): the lease starts when the statement ends.
-_ACQUIRE_FAST = """
-SELECT nextval({seq}), date_part('epoch', clock_timestamp() - statement_timestamp())
-FROM (SELECT pg_advisory_lock(%s), set_config('idle_session_timeout', %s, false) AS armed
-      OFFSET 0) g
-WHERE g.armed IS NOT NULL
+from pgcoord.locks.lease import TOKEN_EPOCH_SHIFT
+
+# The hot acquisition, one statement: lock_free() takes the advisory lock and checks (with a
+# snapshot taken after it) that no promoted lease holds the key; only then does the outer
+# projection draw the token and arm the session's lease. The epoch is the live one (a crash
+# empties lock_epoch_live and resets the sequence together; lock_new_epoch() starts the next).
+_ACQUIRE = """
+SELECT CASE WHEN g.free THEN
+         COALESCE((SELECT epoch FROM {epoch_live} WHERE id = 1), {new_epoch}()) * {factor}
+         + nextval({seq}) END,
+       CASE WHEN g.free THEN set_config('idle_session_timeout', %s, false) END
+FROM (SELECT {free}(%s) AS free OFFSET 0) g
 """
 
-# Unlock and disarm the lease, in one round trip and one boolean (false: it was not held; the
-# session is then dropped, so skipping the disarm on that path is harmless). The holder row is
-# left behind on purpose (the connection's next acquisition reuses or rewrites it): holders()
-# only trusts a row whose backend still holds that advisory key in pg_locks, and skipping the
-# DELETE keeps the uncontended cycle free of writes.
-_RELEASE = "SELECT pg_advisory_unlock(%s) AND set_config('idle_session_timeout', '0', false) = '0'"
+# Unlock on the session, disarm its lease, then (lock_wake, with a fresh snapshot) wake the
+# waiters that marked the key. One round trip.
+_UNLOCK = """
+SELECT u.held, {wake}(%s, %s)
+FROM (SELECT pg_advisory_unlock(%s) AS held,
+             set_config('idle_session_timeout', '0', false) OFFSET 0) u
+"""
 
-# A holding's start is the end of its acquiring statement (state_change of the idle session),
-# unless an extend recorded it; the lease counts from the session's last statement.
+# Sent right after lock_promote in the same pipeline: lets go of the advisory lock only when
+# the lease row with this token is there (committed by the previous statement), so the key is
+# never free in between, and a refused promotion keeps the session lock.
+_UNLOCK_PROMOTED = """
+SELECT pg_advisory_unlock(l.lock_key), set_config('idle_session_timeout', '0', false)
+FROM {leases} l WHERE l.lock_key = %s AND l.token = %s
+"""
+
+_EXTEND_LEASE = """
+UPDATE {leases} SET ttl_ms = %s, expires_at = clock_timestamp() + make_interval(secs => %s)
+WHERE lock_key = %s AND token = %s
+  AND (expires_at IS NULL OR expires_at > clock_timestamp())
+RETURNING true
+"""
+
 _HOLDERS = """
-SELECT h.name, h.instance_id, h.pid, h.ttl_ms,
-       extract(epoch FROM COALESCE(h.since, a.state_change)),
-       extract(epoch FROM clock_timestamp() - a.state_change)
-FROM {holders} h
-JOIN pg_locks l
-  ON l.locktype = 'advisory' AND l.granted AND l.pid = h.pid AND l.objsubid = 1
- AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
- AND CAST(l.classid AS bigint) = (h.lock_key >> 32) & 4294967295
- AND CAST(l.objid AS bigint) = h.lock_key & 4294967295
-LEFT JOIN pg_stat_activity a ON a.pid = h.pid
-WHERE h.app = %s
-ORDER BY 5, h.name
-"""
-
-# Rows of sessions that no longer exist (crashed holders) would only accumulate.
-_PRUNE = """
-DELETE FROM {holders} h
-WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = h.pid)
+SELECT l.name, l.instance_id, l.holder_pid, l.ttl_ms, extract(epoch FROM l.since),
+       extract(epoch FROM l.expires_at - clock_timestamp())
+FROM {leases} l
+WHERE l.app = %s AND l.holder_pid IS NOT NULL
+  AND (l.expires_at IS NULL OR l.expires_at > clock_timestamp())
+  AND {alive}(l.holder_pid, l.holder_start)
+ORDER BY l.since, l.name
 """
 
 
@@ -55,40 +62,60 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = h.pid)
 class LockQueries:
     """Rendered statements for one schema (rendered once: composing per call costs time)."""
 
-    acquire: str
-    acquire_fast: str
-    extend: str
-    release: str
-    holders: str
-    prune: str
-    xact_lock: str
-    unlock_all: str
+    acquire: bytes
+    acquire_waiting: bytes
+    unlock: bytes
+    extend_session: bytes
+    promote: bytes
+    unlock_promoted: bytes
+    release_lease: bytes
+    release_leases: bytes
+    extend_lease: bytes
+    holders: bytes
+    xact_lock: str  # runs on the caller's connection or session (pgcoord.transaction)
 
     @classmethod
     def for_schema(cls, schema: str) -> LockQueries:
         """Render every statement for ``schema``."""
 
-        def render(query: sql.Composable) -> str:
-            return query.as_string(None)
+        def fn(name: str) -> sql.Identifier:
+            return sql.Identifier(schema, name)
 
-        holders = sql.Identifier(schema, "lock_holders")
+        def render(query: str | sql.Composable, **parts: sql.Composable) -> bytes:
+            composed = sql.SQL(query).format(**parts) if isinstance(query, str) else query
+            return composed.as_string(None).encode()
+
+        leases = fn("lock_leases")
         return cls(
             acquire=render(
-                sql.SQL("SELECT token, waited FROM {}(%s, %s, %s, %s)").format(
-                    sql.Identifier(schema, "lock_acquire")
+                _ACQUIRE,
+                epoch_live=fn("lock_epoch_live"),
+                new_epoch=fn("lock_new_epoch"),
+                factor=sql.Literal(1 << TOKEN_EPOCH_SHIFT),
+                seq=sql.Literal(sql.Identifier(schema, "lock_token_seq").as_string(None)),
+                free=fn("lock_free"),
+            ),
+            acquire_waiting=render(
+                sql.SQL("SELECT token, expires_in, newly_wanted FROM {}(%s, %s, true)").format(
+                    fn("lock_try")
                 )
             ),
-            acquire_fast=render(
-                sql.SQL(_ACQUIRE_FAST).format(
-                    seq=sql.Literal(sql.Identifier(schema, "lock_token_seq").as_string(None))
+            unlock=render(_UNLOCK, wake=fn("lock_wake")),
+            extend_session=b"SELECT set_config('idle_session_timeout', %s, false)",
+            promote=render(
+                sql.SQL("SELECT {}(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)").format(
+                    fn("lock_promote")
                 )
             ),
-            extend=render(
-                sql.SQL("SELECT {}(%s, %s)").format(sql.Identifier(schema, "lock_extend"))
+            unlock_promoted=render(_UNLOCK_PROMOTED, leases=leases),
+            release_lease=render(sql.SQL("SELECT {}(%s, %s, %s)").format(fn("lock_release"))),
+            release_leases=render(
+                sql.SQL(
+                    "SELECT {}(x.k, x.t, x.c)"
+                    " FROM unnest(%s::bigint[], %s::bigint[], %s::text[]) AS x(k, t, c)"
+                ).format(fn("lock_release"))
             ),
-            release=_RELEASE,
-            holders=render(sql.SQL(_HOLDERS).format(holders=holders)),
-            prune=render(sql.SQL(_PRUNE).format(holders=holders)),
-            xact_lock="SELECT pg_advisory_xact_lock(%s)",
-            unlock_all="SELECT pg_advisory_unlock_all()",
+            extend_lease=render(_EXTEND_LEASE, leases=leases),
+            holders=render(_HOLDERS, leases=leases, alive=fn("lock_alive")),
+            xact_lock=sql.SQL("SELECT {}(%s)").format(fn("lock_xact")).as_string(None),
         )

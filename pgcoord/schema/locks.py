@@ -1,4 +1,4 @@
-"""Tables of the locks service (declared here once; the Alembic revision creates them).
+"""Tables of the locks service (declared here once; the Alembic revisions create them).
 
 - ``lock_epochs`` (logged, one row): the durable fencing epoch. It is bumped, with a synchronous
   commit, whenever ``lock_epoch_live`` is found empty (first use, or after a crash emptied it).
@@ -6,21 +6,23 @@
   under. PostgreSQL empties it in crash recovery at the same moment it resets the UNLOGGED
   sequence ``lock_token_seq``, so "row present" means "the sequence was not reset since the epoch
   was taken", and a token ``epoch * 2**40 + nextval`` never goes backwards.
-- ``lock_holders`` (UNLOGGED): which key, instance and lease a lock connection serves, one row
-  per connection (keyed by its backend pid), rewritten only when the connection takes a different
-  key or lease than last time, so re-taking a hot key writes nothing. The start of a holding is
-  the session's ``pg_stat_activity.state_change`` (the end of the acquiring statement) until an
-  ``extend`` records it in ``since``. Rows are only trusted when ``pg_locks`` shows that backend
-  holding that advisory key, so a crashed or released holder's leftover row is never listed.
+- ``lock_leases`` (UNLOGGED, one row per key that is held past its first moments or waited
+  for): the holder of a promoted lock, named by the holding process's LISTEN session
+  (``holder_pid`` + ``holder_start``, so a dead holder is seen at once), its token, and the end
+  of its lease on the server's clock (``expires_at``; NULL: no lease). ``wanted`` is set by a
+  waiter and tells the release to send one NOTIFY. A row without a holder only carries that mark.
+  After a crash the table is empty, which frees every promoted lock, as a crash does.
 
-The sequence ``lock_token_seq`` and the functions ``lock_acquire``/``lock_extend``/
-``lock_new_epoch`` are created by the revision too (Alembic's autogenerate compares neither).
+The sequence ``lock_token_seq`` and the functions (``lock_try``, ``lock_unlock``,
+``lock_promote``, ``lock_release``, ``lock_xact``, ``lock_live``, ``lock_alive``,
+``lock_new_epoch``) are created by the revisions too (Alembic's autogenerate compares neither).
 """
 
 from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -29,6 +31,7 @@ from sqlalchemy import (
     SmallInteger,
     Table,
     Text,
+    false,
 )
 
 
@@ -50,14 +53,18 @@ def define(metadata: MetaData) -> None:
         prefixes=["UNLOGGED"],
     )
     Table(
-        "lock_holders",
+        "lock_leases",
         metadata,
-        Column("pid", Integer, primary_key=True, autoincrement=False),
-        Column("lock_key", BigInteger, nullable=False),
-        Column("app", Text, nullable=False),
-        Column("name", Text, nullable=False),
-        Column("instance_id", Text, nullable=False),
-        Column("ttl_ms", Integer, nullable=False),
+        Column("lock_key", BigInteger, primary_key=True, autoincrement=False),
+        Column("app", Text, nullable=True),
+        Column("name", Text, nullable=True),
+        Column("instance_id", Text, nullable=True),
+        Column("holder_pid", Integer, nullable=True),
+        Column("holder_start", DateTime(timezone=True), nullable=True),
+        Column("token", BigInteger, nullable=True),
+        Column("ttl_ms", Integer, nullable=True),
         Column("since", DateTime(timezone=True), nullable=True),
+        Column("expires_at", DateTime(timezone=True), nullable=True),
+        Column("wanted", Boolean, nullable=False, server_default=false()),
         prefixes=["UNLOGGED"],
     )

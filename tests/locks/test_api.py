@@ -190,8 +190,8 @@ async def test_tasks_of_one_process_exclude_each_other(make_coord: CoordFactory)
     )
     assert most == 1
     assert tokens == sorted(tokens) and len(set(tokens)) == 30
-    # However many tasks queued, each process used at most lock_key_connections (2) for the key.
-    assert a.lock_manager.connection_stats()["open"] <= 2
+    # However many tasks queued, each process had at most one session on the key at a time.
+    assert a.lock_manager.connection_stats()["open"] <= 1
 
 
 async def test_try_acquire_while_another_task_holds_it(make_coord: CoordFactory) -> None:
@@ -329,6 +329,8 @@ async def test_bad_input_fails_before_any_io(make_coord: CoordFactory, dsn: str)
         pgcoord.Coordinator(dsn, lock_max_connections=0)
     with pytest.raises(ValueError):
         pgcoord.Coordinator(dsn, lock_idle_timeout=0)
+    with pytest.raises(ValueError):
+        pgcoord.Coordinator(dsn, lock_recheck=0)
 
 
 async def test_use_after_stop(make_coord: CoordFactory, dsn: str) -> None:
@@ -367,29 +369,48 @@ async def test_stop_ends_waiting_acquirers_and_context_reports_it(
             await c.stop()
 
 
-async def test_connection_budget_bounds_held_and_waiting_locks(make_coord: CoordFactory) -> None:
-    a = await make_coord(app=APP, lock_max_connections=2)
-    one = await a.lock_manager.acquire("one")
-    two_ = await a.lock_manager.acquire("two")
-    with pytest.raises(pgcoord.LockAcquireError, match="lock_max_connections"):
-        await a.lock_manager.try_acquire("three", timeout=0.2)
-    assert a.lock_manager.connection_stats()["open"] == 2
-    assert await a.lock_manager.holders() != []  # the work pool is untouched by held locks
-    waiting = asyncio.create_task(a.lock_manager.acquire("three"))
-    await asyncio.sleep(0.2)
-    assert not waiting.done()
-    await one.release()
-    three = await asyncio.wait_for(waiting, 15)
-    assert a.lock_manager.connection_stats() == {"open": 2, "idle": 0, "max": 2, "held": 2}
-    await two_.release()
-    await three.release()
+async def test_held_locks_cost_no_connections(make_coord: CoordFactory, dsn: str) -> None:
+    a = await make_coord(app=APP)
+    b = await make_coord(app=APP)
+    before = client_backends(dsn)
+    held = [await a.lock_manager.acquire(f"key-{i}") for i in range(50)]
+    await wait_for(lambda: all(lock.promoted for lock in held))
+    assert a.lock_manager.connection_stats()["open"] == 0
+    # Fresh locks use at most two work connections at once (older ones are promoted), not 50.
+    assert client_backends(dsn) <= before + 2
+    # Still exclusive: another instance cannot take any of them.
+    for i in (0, 25, 49):
+        with pytest.raises(pgcoord.LockAcquireError):
+            await b.lock_manager.try_acquire(f"key-{i}")
+    for lock in held:
+        await lock.release()
+    again = await b.lock_manager.try_acquire("key-7")
+    await again.release()
 
 
-async def test_idle_lock_connections_are_closed(make_coord: CoordFactory) -> None:
-    a = await make_coord(app=APP, lock_idle_timeout=0.3)
+async def test_a_fresh_lock_lends_its_connection_back_after_a_moment(
+    make_coord: CoordFactory,
+) -> None:
+    a = await make_coord(app=APP)
+    lock = await a.lock_manager.acquire("k")
+    assert a.lock_manager.connection_stats()["open"] == 1 and not lock.promoted
+    await wait_for(lambda: lock.promoted)
+    stats = a.lock_manager.connection_stats()
+    assert stats["open"] == 0 and stats["held"] == 1
+    await lock.release()
     await a.lock_manager.run_exclusive("k", lambda: None)
-    assert a.lock_manager.connection_stats()["idle"] == 1
-    await wait_for(lambda: a.lock_manager.connection_stats()["open"] == 0)
+    assert a.lock_manager.connection_stats()["open"] == 0
+
+
+def client_backends(dsn: str) -> int:
+    """Client connections to the test database right now (not counting this one)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 async def test_cancelled_waiter_leaves_nothing_behind(make_coord: CoordFactory) -> None:
@@ -427,24 +448,29 @@ async def test_tokens_increase_across_keys_and_instances(make_coord: CoordFactor
     assert lease.split_token(seen[0])[0] >= 1
 
 
-async def test_waiters_block_on_the_server_instead_of_polling(
+async def test_waiters_hold_no_connection_and_are_woken_by_the_release(
     make_coord: CoordFactory, dsn: str
 ) -> None:
     a, b = await two(make_coord)
     held = await a.lock_manager.acquire("k")
-    waiting = asyncio.create_task(b.lock_manager.acquire("k"))
+    waiting = [asyncio.create_task(b.lock_manager.acquire("k")) for _ in range(5)]
     await asyncio.sleep(0.3)
+    assert not any(task.done() for task in waiting)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute(
-            "SELECT state, wait_event_type, wait_event FROM pg_stat_activity"
-            " WHERE application_name LIKE 'pgcoord-lock%%' AND state = 'active'"
-            " AND datname = current_database()"
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+            " AND datname = current_database() AND pid <> pg_backend_pid()"
         )
-        rows = await cur.fetchall()
-    # One waiting session, parked in the server's lock queue (no client loop re-asking).
-    assert rows == [("active", "Lock", "advisory")]
+        assert await cur.fetchone() == (0,)  # nobody waits in a statement on the server
+    assert b.lock_manager.connection_stats()["open"] == 0
+    started = time.monotonic()
     await held.release()
-    await (await asyncio.wait_for(waiting, 15)).release()
+    first = await asyncio.wait_for(asyncio.shield(waiting[0]), 15)
+    # Woken by the release's NOTIFY, not by the once-a-second recheck.
+    assert time.monotonic() - started < 0.9
+    await first.release()
+    for task in waiting[1:]:
+        await (await asyncio.wait_for(task, 15)).release()
 
 
 def test_blocking_api(dsn: str) -> None:
@@ -476,9 +502,10 @@ async def test_a_crash_reset_of_the_token_state_starts_a_new_epoch(
     tokens = []
     for _ in range(3):
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            # A crash ends every session: the pool's, the listener's.
             await conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name LIKE 'pgcoord-lock%%' AND datname = current_database()"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
             await conn.execute("DELETE FROM pgcoord.lock_epoch_live")
             await conn.execute("ALTER SEQUENCE pgcoord.lock_token_seq RESTART")
@@ -545,9 +572,10 @@ async def test_stress_tasks_of_two_instances_on_few_keys(
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute(
             "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND a.application_name = 'pgcoord-lock'"
-            " AND a.datname = current_database()"
+            " WHERE l.locktype = 'advisory' AND a.datname = current_database()"
         )
+        assert await cur.fetchone() == (0,)
+        cur = await conn.execute("SELECT count(*) FROM pgcoord.lock_leases WHERE token IS NOT NULL")
         assert await cur.fetchone() == (0,)
 
 
