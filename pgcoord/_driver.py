@@ -6,10 +6,13 @@ Every psycopg error that crosses into user code goes through :func:`translate` (
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
-from typing import Any
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg.conninfo
@@ -18,6 +21,8 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pgcoord.errors import ConnectionFailedError, DatabaseError, PgcoordError
 
 log = logging.getLogger("pgcoord")
+
+T = TypeVar("T")
 
 #: Seconds to wait for a connection before giving up (the DESIGN bound is <= 10 s).
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -30,6 +35,59 @@ _KEEPALIVE = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
 }
+
+
+#: Seconds a pooled connection above the pool's minimum may stay idle before it closes.
+#: psycopg_pool closes one such connection per period, so a pool grown to 3 is back to 1
+#: within two periods of quiet.
+MAX_IDLE = 10.0
+
+# How the server says it has no connection slot left: "too many clients already" and
+# "remaining connection slots are reserved ..." (max_connections), "too many connections for
+# role/database" (CONNECTION LIMIT). libpq reports them at connect without a SQLSTATE, so the
+# text is all there is; 53300 covers the case where one is attached.
+_REFUSALS = (
+    "too many clients",
+    "remaining connection slots are reserved",
+    "too many connections for",
+)
+
+
+class Backoff:
+    """Capped exponential delays with jitter: ``first``, ``2 * first``, ... up to ``cap``.
+
+    Jitter (each delay scaled by a random factor in ``1 +- jitter``) keeps many processes
+    refused at the same moment from retrying in lockstep.
+    """
+
+    def __init__(self, first: float, cap: float, *, jitter: float = 0.2) -> None:
+        self._first = first
+        self._cap = cap
+        self._jitter = jitter
+        self._delay = 0.0
+
+    def next(self) -> float:
+        """The delay before the next attempt."""
+        self._delay = min(max(self._delay * 2, self._first), self._cap)
+        return self._delay * random.uniform(1 - self._jitter, 1 + self._jitter)
+
+    def reset(self) -> None:
+        """Start again from ``first`` (after a success)."""
+        self._delay = 0.0
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """True when the server refused a connection for lack of slots (it may accept later);
+    looks through translated errors to the psycopg error that caused them."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, psycopg.errors.TooManyConnections) or (
+            isinstance(seen, psycopg.OperationalError)
+            and any(text in str(seen) for text in _REFUSALS)
+        ):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def describe_server(dsn: str) -> str:
@@ -91,14 +149,40 @@ def translated(dsn: str | None = None) -> Iterator[None]:
         raise translate(exc, dsn) from exc
 
 
+async def patiently(attempt: Callable[[], Awaitable[T]], *, timeout: float) -> T:
+    """``await attempt()``, again with jittered backoff while the server refuses connections
+    for lack of slots (:func:`is_refusal`), until ``timeout`` seconds have passed.
+
+    Other processes' connections come and go, so failing at the first refusal would make a
+    busy moment fatal; any other error, or a refusal past the deadline, is raised as it is.
+    """
+    deadline = time.monotonic() + timeout
+    backoff = Backoff(0.05, 1.0)
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            delay = backoff.next()
+            if not is_refusal(exc) or time.monotonic() + delay >= deadline:
+                raise
+            log.info("pgcoord: the server refused a connection (%s); retrying", exc)
+        await asyncio.sleep(delay)
+
+
 async def connect(
     dsn: str, *, connect_timeout: float, autocommit: bool = True
 ) -> psycopg.AsyncConnection[Any]:
-    """Open one connection, failing within ``connect_timeout`` with an error naming the host."""
-    try:
-        return await psycopg.AsyncConnection.connect(
-            dsn, autocommit=autocommit, **connect_kwargs(connect_timeout)
+    """Open one connection, failing within ``connect_timeout`` with an error naming the host
+    (retrying while the server refuses for lack of slots, see :func:`patiently`)."""
+    deadline = time.monotonic() + connect_timeout
+
+    def attempt() -> Awaitable[psycopg.AsyncConnection[Any]]:
+        return psycopg.AsyncConnection.connect(
+            dsn, autocommit=autocommit, **connect_kwargs(deadline - time.monotonic())
         )
+
+    try:
+        return await patiently(attempt, timeout=connect_timeout)
     except psycopg.Error as exc:
         raise ConnectionFailedError(
             f"cannot connect to PostgreSQL at {describe_server(dsn)} within {connect_timeout:g} s: {exc}"
@@ -110,12 +194,16 @@ def make_pool(dsn: str, *, max_size: int, connect_timeout: float, name: str) -> 
 
     ``min_size=1`` and a short ``max_idle`` keep an idle instance at two connections (this pool's
     one plus the listener), so dozens of instances fit a default ``max_connections = 100``.
+    psycopg_pool queues borrowers FIFO when all ``max_size`` connections are out, and a refused
+    attempt to grow (or to open the first connection) is retried by the pool with jittered
+    backoff while the connections it has keep serving: a full server never fails a caller
+    that an existing connection can serve within its timeout.
     """
     return AsyncConnectionPool(
         dsn,
         min_size=1,
         max_size=max(1, max_size),
-        max_idle=30.0,
+        max_idle=MAX_IDLE,
         timeout=connect_timeout,
         reconnect_timeout=60.0,
         kwargs={"autocommit": True, **connect_kwargs(connect_timeout)},

@@ -7,16 +7,23 @@ import logging
 import os
 import socket
 import uuid
+import warnings
 from types import TracebackType
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from pgcoord import _driver
+from pgcoord import _driver, _shared
 from pgcoord import migrate as migrations
+from pgcoord._sources import EngineSource, PoolSource, WorkSource, engine_dsn
 from pgcoord.cache import CacheManager
-from pgcoord.errors import InvalidTypeError, NotRunningError, UnsupportedServerError
-from pgcoord.listener import Listener
+from pgcoord.errors import (
+    InvalidInputError,
+    InvalidTypeError,
+    NotRunningError,
+    UnsupportedServerError,
+)
+from pgcoord.listener import ListenerView
 from pgcoord.locks import LockManager
 from pgcoord.pubsub import Plugin, PubSubManager, SyncMessageManager
 from pgcoord.queue import EventQueue
@@ -28,6 +35,10 @@ log = logging.getLogger("pgcoord")
 DSN_ENV = "PGCOORD_DSN"
 #: The oldest server pgcoord runs on (PostgreSQL 15).
 MIN_SERVER_VERSION = 150000
+#: Default bound on the server connections one process's pgcoord opens on one server.
+DEFAULT_MAX_CONNECTIONS = 4
+#: The smallest budget that works: the listener and one work connection.
+MIN_CONNECTIONS = 2
 
 _SERVICE_CLASSES: tuple[type[Service], ...] = (
     LockManager,
@@ -55,11 +66,23 @@ class Coordinator:
     embedded server. ``app`` namespaces everything (two apps on one database never meet);
     ``schema`` is where pgcoord's tables live. ``migrate=True`` upgrades the schema at start
     (exactly once when many instances start together); otherwise an outdated schema is refused
-    with :class:`~pgcoord.errors.SchemaOutdatedError`. ``pool`` shares a caller's
-    ``AsyncConnectionPool`` (it must hand out autocommit connections; pgcoord does not close it).
-    ``pool_size`` bounds pgcoord's own pool, ``connect_timeout`` bounds every connection attempt,
-    ``heartbeat`` is how often a quiet listener proves its connection. Service options
-    (``**options``) are listed by ``Coordinator.option_defaults()``.
+    with :class:`~pgcoord.errors.SchemaOutdatedError`.
+
+    ``max_connections`` (default 4, at least 2) bounds the server connections pgcoord opens in
+    this process on this server: the listener plus a work pool of ``max_connections - 1``.
+    Every Coordinator of one event loop on one server shares that listener and that pool
+    (the pool is as large as the largest budget among them), so 50 apps in one process hold
+    two connections when idle. ``pool_size`` is the deprecated spelling of the pool's part
+    (``max_connections = pool_size + 1``).
+
+    ``pool`` shares a caller's ``AsyncConnectionPool``, ``engine`` borrows from a SQLAlchemy
+    ``AsyncEngine`` (driver ``postgresql+psycopg``; at most ``max_connections - 1`` of its
+    connections at once); either way pgcoord adds only the shared listener, whose DSN is
+    ``dsn`` or else the engine's URL. Both are left open at stop. ``connect_timeout`` bounds
+    every connection attempt (a server refusing for lack of slots is retried within it),
+    ``heartbeat`` is how often a quiet listener proves its connection (the first Coordinator
+    of a shared listener sets both for it). Service options (``**options``) are listed by
+    ``Coordinator.option_defaults()``.
     """
 
     def __init__(
@@ -70,7 +93,9 @@ class Coordinator:
         schema: str = "pgcoord",
         migrate: bool = False,
         pool: AsyncConnectionPool | None = None,
-        pool_size: int = 10,
+        engine: Any = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        pool_size: int | None = None,
         connect_timeout: float = _driver.DEFAULT_CONNECT_TIMEOUT,
         heartbeat: float = 5.0,
         **options: Any,
@@ -81,7 +106,25 @@ class Coordinator:
         check_identifier(schema, "schema")
         if pool is not None and not isinstance(pool, AsyncConnectionPool):
             raise InvalidTypeError("pool must be a psycopg_pool.AsyncConnectionPool")
-        check_int(pool_size, "pool_size", minimum=1)
+        if pool is not None and engine is not None:
+            raise InvalidInputError(
+                "give pool= or engine=, not both: pgcoord borrows its work connections from one"
+            )
+        self._engine_dsn = engine_dsn(engine) if engine is not None else None
+        check_int(max_connections, "max_connections")
+        if pool_size is not None:
+            warnings.warn(
+                "Coordinator(pool_size=N) is deprecated; use max_connections=N + 1 "
+                "(the listener plus the pool)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            max_connections = check_int(pool_size, "pool_size", minimum=1) + 1
+        if max_connections < MIN_CONNECTIONS:
+            raise InvalidInputError(
+                f"max_connections must be at least {MIN_CONNECTIONS} (the listener and one "
+                f"work connection); got {max_connections!r}"
+            )
         check_positive(connect_timeout, "connect_timeout")
         check_positive(heartbeat, "heartbeat")
         defaults = self.option_defaults()
@@ -93,10 +136,16 @@ class Coordinator:
         self._dsn = dsn
         self._migrate = bool(migrate)
         self._external_pool = pool
-        self._pool_size = pool_size
+        self._engine = engine
+        self._max_connections = max_connections
         self._heartbeat = heartbeat
         self._started = False
         self._start_lock = asyncio.Lock()
+        # What this start() took from the process's shared connections (undone at stop).
+        self._link: _shared.ServerLink | None = None
+        self._holds_listener = False
+        self._holds_pool = False
+        self._source_open = False
         self._rt = Runtime(
             app=app,
             schema=schema,
@@ -153,8 +202,13 @@ class Coordinator:
         return self._rt.running
 
     @property
-    def listener(self) -> Listener:
-        """The process's shared LISTEN connection (for services and diagnostics)."""
+    def max_connections(self) -> int:
+        """The bound on the server connections pgcoord opens in this process on this server."""
+        return self._max_connections
+
+    @property
+    def listener(self) -> ListenerView:
+        """This Coordinator's view of the process's shared LISTEN connection (diagnostics)."""
         return self._rt.listener
 
     @property
@@ -164,7 +218,9 @@ class Coordinator:
 
     @property
     def pool(self) -> AsyncConnectionPool:
-        """The work pool (raises :class:`NotRunningError` when not running)."""
+        """The psycopg work pool, shared by this process's Coordinators on this server (or
+        ``pool=``); raises :class:`NotRunningError` when not running, InvalidTypeError with
+        ``engine=``."""
         return self._rt.pool
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -183,16 +239,18 @@ class Coordinator:
 
     async def _start(self) -> None:
         rt = self._rt
-        dsn = resolve_dsn(self._dsn)
+        dsn = resolve_dsn(self._dsn) or self._engine_dsn
         if dsn is None:
             from pgcoord.embedded import ensure_server
 
             dsn = await asyncio.to_thread(ensure_server)
         rt.dsn = dsn
+        self._link = link = _shared.link_for(dsn)
         # The listener connects first: a bad DSN fails here, fast, naming the host.
-        listener = Listener(dsn, connect_timeout=rt.connect_timeout, heartbeat=self._heartbeat)
-        rt._listener = listener
-        await listener.connect()
+        listener = await link.open_listener(
+            connect_timeout=rt.connect_timeout, heartbeat=self._heartbeat
+        )
+        self._holds_listener = True
         version = listener.server_version or 0
         if version < MIN_SERVER_VERSION:
             raise UnsupportedServerError(
@@ -200,39 +258,55 @@ class Coordinator:
                 f"idle_session_timeout for lock leases); {_driver.describe_server(dsn)} runs "
                 f"{version // 10000}.{version % 10000}"
             )
-        if self._external_pool is not None:
-            pool = self._external_pool
-        else:
-            pool = _driver.make_pool(
-                dsn,
-                max_size=self._pool_size,
-                connect_timeout=rt.connect_timeout,
-                name=f"pgcoord-{rt.app}",
-            )
-            try:
-                await pool.open(wait=True, timeout=rt.connect_timeout)
-            except Exception as exc:
-                await pool.close()
-                raise _driver.translate(exc, dsn) from exc
-        rt._pool = pool
+        rt._listener = view = ListenerView(listener)
+        rt._source = await self._open_source(link, dsn)
+        self._source_open = True
         rt.running = True
-        if self._migrate:
-            await asyncio.to_thread(
-                migrations.upgrade, dsn, rt.schema, connect_timeout=rt.connect_timeout
-            )
-        async with rt.connection() as conn:
-            await migrations.check(conn, rt.schema)
+        await self._check_schema(dsn)
         for service in self._services:
-            listener.add_reconnect_hook(service._on_reconnect)
-        await listener.start()
+            view.add_reconnect_hook(service._on_reconnect)
         for service in self._services:
             await service._start()
         log.info(
             "pgcoord instance %s started (app=%s, schema=%s)", rt.instance_id, rt.app, rt.schema
         )
 
+    async def _open_source(self, link: _shared.ServerLink, dsn: str) -> WorkSource:
+        rt = self._rt
+        if self._external_pool is not None:
+            return PoolSource(self._external_pool, dsn, owned=False)
+        if self._engine is not None:
+            size = getattr(self._engine.pool, "size", None)
+            limit = self._max_connections - 1
+            if callable(size):
+                limit = max(1, min(limit, int(size())))
+            return EngineSource(self._engine, dsn, limit=limit, timeout=rt.connect_timeout)
+        source = await link.open_pool(
+            max_size=self._max_connections - 1, connect_timeout=rt.connect_timeout
+        )
+        self._holds_pool = True
+        return source
+
+    async def _check_schema(self, dsn: str) -> None:
+        rt = self._rt
+        if self._migrate:
+            async with rt.connection() as conn:
+                current = await migrations.current_revision(conn, rt.schema)
+            # At head already (the usual restart, or a second app in this process): no
+            # migration connection beyond the budget is opened at all.
+            if current != migrations.head_revision():
+                await _driver.patiently(
+                    lambda: asyncio.to_thread(
+                        migrations.upgrade, dsn, rt.schema, connect_timeout=rt.connect_timeout
+                    ),
+                    timeout=rt.connect_timeout,
+                )
+        async with rt.connection() as conn:
+            await migrations.check(conn, rt.schema)
+
     async def stop(self) -> None:
-        """Stop the services (queue first, so running jobs finish), then the listener and pool.
+        """Stop the services (queue first, so running jobs finish), then let go of the listener
+        and the pool (closed when no other Coordinator of this process uses them).
 
         Idempotent; leaves no task or connection behind.
         """
@@ -244,21 +318,27 @@ class Coordinator:
 
     async def _teardown(self) -> None:
         rt = self._rt
-        for service in reversed(self._services):
-            if rt._pool is None:
-                break
-            try:
-                await service._stop()
-            except Exception:
-                log.exception("pgcoord: stopping %s failed", type(service).__name__)
+        if self._source_open:
+            for service in reversed(self._services):
+                try:
+                    await service._stop()
+                except Exception:
+                    log.exception("pgcoord: stopping %s failed", type(service).__name__)
         rt.running = False
-        await rt.close_kept()
         if rt._listener is not None:
-            await rt._listener.stop()
+            await rt._listener.detach()
             rt._listener = None
-        if rt._pool is not None and self._external_pool is None:
-            await rt._pool.close()
-        rt._pool = None
+        link, self._link = self._link, None
+        # rt._source stays: a connection still out comes back to where it came from.
+        if self._holds_pool and link is not None:
+            self._holds_pool = False
+            await link.close_pool(max_size=self._max_connections - 1)
+        elif self._source_open and rt._source is not None:
+            await rt._source.close()
+        self._source_open = False
+        if self._holds_listener and link is not None:
+            self._holds_listener = False
+            await link.close_listener()
 
     async def __aenter__(self) -> Coordinator:
         await self.start()

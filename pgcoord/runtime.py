@@ -1,30 +1,33 @@
 """What every service gets from its Coordinator, and the base class services derive from.
 
 Services are built when the Coordinator is constructed (so ``subscribe`` before ``start()``
-works) and reach the pool and the listener through :class:`Runtime`, which raises
+works) and reach work connections and the listener through :class:`Runtime`, which raises
 :class:`NotRunningError` while the Coordinator is not running.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql
-from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgcoord import _driver, names
-from pgcoord._kept import KeptConnections
-from pgcoord.errors import NotRunningError
-from pgcoord.listener import Listener
+from pgcoord._sources import PoolSource, WorkSource
+from pgcoord.errors import InvalidTypeError, NotRunningError
+from pgcoord.listener import ListenerView
+
+_NOT_RUNNING = (
+    "the pgcoord Coordinator is not running; use `async with coord:` or await coord.start()"
+)
 
 
 class Runtime:
-    """Shared state of one Coordinator: names, options, and (while running) pool and listener."""
+    """Shared state of one Coordinator: names, options, and (while running) its work source
+    and its view of the process's listener."""
 
     def __init__(
         self,
@@ -41,35 +44,37 @@ class Runtime:
         self.options = dict(options)
         self.connect_timeout = connect_timeout
         self.dsn: str | None = None
-        self._pool: AsyncConnectionPool | None = None
-        self._listener: Listener | None = None
+        # Kept after stop() so connections still out then go back where they came from.
+        self._source: WorkSource | None = None
+        self._listener: ListenerView | None = None
         self.running = False
-        self._kept = KeptConnections()
-        self._switched: set[int] = set()  # ids of borrowed connections switched to autocommit
 
     @property
     def pool(self) -> AsyncConnectionPool:
-        """The work pool (autocommit connections)."""
-        if self._pool is None or not self.running:
-            raise NotRunningError(
-                "the pgcoord Coordinator is not running; use `async with coord:` or await coord.start()"
+        """The psycopg work pool (pgcoord's own or ``pool=``); services borrow through
+        :meth:`connection` instead. With ``engine=`` there is none: raises InvalidTypeError."""
+        source = self._source
+        if source is None or not self.running:
+            raise NotRunningError(_NOT_RUNNING)
+        if not isinstance(source, PoolSource):
+            raise InvalidTypeError(
+                "this Coordinator borrows from engine= (a SQLAlchemy pool); it has no psycopg pool"
             )
-        return self._pool
+        return source.pool
 
     @property
-    def listener(self) -> Listener:
-        """The process's LISTEN connection (exists from start until stop)."""
+    def listener(self) -> ListenerView:
+        """This Coordinator's view of the process's LISTEN connection (from start until stop)."""
         if self._listener is None:
-            raise NotRunningError(
-                "the pgcoord Coordinator is not running; use `async with coord:` or await coord.start()"
-            )
+            raise NotRunningError(_NOT_RUNNING)
         return self._listener
 
     @property
     def work_capacity(self) -> int:
-        """How many work connections pgcoord may hold at once (the pool's maximum)."""
-        pool = self._pool
-        return pool.max_size if pool is not None else 1
+        """How many work connections pgcoord may hold at once (the pool's maximum size, or
+        the share of ``engine=``'s pool pgcoord may take)."""
+        source = self._source
+        return source.capacity if source is not None else 1
 
     def check_running(self) -> None:
         """Raise :class:`NotRunningError` unless the Coordinator is running."""
@@ -80,59 +85,27 @@ class Runtime:
 
     async def acquire(self) -> psycopg.AsyncConnection[Any]:
         """Borrow an autocommit connection (a kept warm one when there is); give it back with
-        :meth:`release`. Prefer :meth:`connection`; this pair is for the hottest paths."""
-        pool = self.pool
-        conn = self._kept.take(pool)
-        if conn is None:
-            with _driver.translated(self.dsn):
-                conn = await pool.getconn()
-                if not conn.autocommit:
-                    # A caller's shared pool may hand out non-autocommit connections; pgcoord's
-                    # statements must commit on their own (else the pool would roll them back
-                    # on return), so switch while pgcoord has it and restore on the way back.
-                    try:
-                        await conn.set_autocommit(True)
-                    except BaseException:
-                        await pool.putconn(conn)
-                        raise
-                    self._switched.add(id(conn))
-        return conn
+        :meth:`release`. Prefer :meth:`connection`; this pair is for the hottest paths.
+
+        When every connection of the budget is out, this waits (first come, first served)
+        up to ``connect_timeout`` for one to come back."""
+        source = self._source
+        if source is None or not self.running:
+            raise NotRunningError(_NOT_RUNNING)
+        return await source.acquire()
 
     async def release(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Give back a connection from :meth:`acquire` (kept warm for a moment, or pooled)."""
-        pool = self._pool
-        if pool is None:
-            # Returned after stop() let go of the pool: nobody can take it back, so close it.
-            self._switched.discard(id(conn))
+        """Give back a connection from :meth:`acquire` (kept warm for a moment, or returned)."""
+        source = self._source
+        if source is None:
             await conn.close()
             return
-        if conn.closed:
-            self._switched.discard(id(conn))
-            await pool.putconn(conn)
-            return
-        # A connection switched to autocommit is never kept: only _put_back restores it.
-        if self.running and id(conn) not in self._switched and self._kept.keep(pool, conn):
-            return
-        await self._put_back(pool, conn)
-
-    async def _put_back(
-        self, pool: AsyncConnectionPool, conn: psycopg.AsyncConnection[Any]
-    ) -> None:
-        if id(conn) in self._switched:
-            self._switched.discard(id(conn))
-            if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
-                with contextlib.suppress(psycopg.Error):
-                    await conn.set_autocommit(False)
-        await pool.putconn(conn)
+        await source.release(conn, keep=self.running)
 
     def connection(self) -> Borrowed:
         """``async with rt.connection() as conn``: borrow an autocommit connection (a kept
         warm one when there is); psycopg errors inside the block come out as pgcoord errors."""
         return Borrowed(self)
-
-    async def close_kept(self) -> None:
-        """Give kept connections back to the pool (the Coordinator calls it before closing it)."""
-        await self._kept.close()
 
     def table(self, name: str) -> sql.Identifier:
         """A schema-qualified table identifier for SQL composed with ``psycopg.sql``."""

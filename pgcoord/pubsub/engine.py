@@ -271,7 +271,7 @@ class Engine:
     async def _send(self, query: str, params: Sequence[Any]) -> None:
         # Every pooled connection may have been killed by one server restart: allow one
         # attempt per connection the pool can hold, plus a fresh one.
-        attempts = max(_PUBLISH_ATTEMPTS, self._rt.pool.max_size + 1)
+        attempts = max(_PUBLISH_ATTEMPTS, self._rt.work_capacity + 1)
         for attempt in range(1, attempts + 1):
             try:
                 async with self._rt.connection() as conn:

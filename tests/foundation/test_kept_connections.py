@@ -14,7 +14,7 @@ async def _backend_pid(coord: object) -> int:
 
 
 async def test_back_to_back_borrows_reuse_the_last_connection(make_coord: CoordFactory) -> None:
-    coord = await make_coord(pool_size=4)
+    coord = await make_coord(max_connections=5)
 
     # Grow the pool to several connections first, so a FIFO pool would rotate among them.
     async def hold() -> None:
@@ -29,7 +29,7 @@ async def test_back_to_back_borrows_reuse_the_last_connection(make_coord: CoordF
 async def test_borrowers_waiting_on_a_small_pool_are_never_starved(
     make_coord: CoordFactory,
 ) -> None:
-    coord = await make_coord(pool_size=1, connect_timeout=5)
+    coord = await make_coord(max_connections=2, connect_timeout=5)
 
     async def work(i: int) -> int:
         async with coord._rt.connection() as conn:
@@ -41,7 +41,7 @@ async def test_borrowers_waiting_on_a_small_pool_are_never_starved(
 
 
 async def test_kept_connections_go_back_to_the_pool_when_quiet(make_coord: CoordFactory) -> None:
-    coord = await make_coord(pool_size=4)
+    coord = await make_coord(max_connections=5)
     await _backend_pid(coord)
     assert coord.pool.get_stats()["pool_available"] == 0  # kept out of the pool, warm
     await asyncio.sleep(_kept.HOLD * 2.5)

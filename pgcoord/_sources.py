@@ -1,0 +1,226 @@
+"""Where work connections come from: a psycopg pool (pgcoord's own or the caller's ``pool=``)
+or the pool of a SQLAlchemy ``AsyncEngine`` (``engine=``).
+
+Every source lends autocommit psycopg ``AsyncConnection``s, because services run their
+statements as they are and expect each to commit on its own. A connection that arrives with
+autocommit off (a caller's pool, an engine's) is switched while pgcoord has it and switched
+back on its way home, so the owner gets it back as it lent it. A few recently returned
+connections are kept warm out of the source for a moment (:mod:`pgcoord._kept`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import psycopg.conninfo
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from pgcoord import _driver
+from pgcoord._kept import Conn, KeptConnections
+from pgcoord.errors import ConnectionFailedError, InvalidTypeError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+#: The SQLAlchemy driver ``engine=`` accepts (``postgresql+psycopg``, async).
+SUPPORTED_DRIVER = "postgresql+psycopg"
+
+
+class WorkSource:
+    """Lends autocommit connections and takes them back; see the module docstring."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._kept = KeptConnections(self._give_back, self._waiting)
+        self._switched: set[int] = set()  # ids of connections switched to autocommit
+
+    @property
+    def capacity(self) -> int:
+        """How many connections this source lends pgcoord at once at most."""
+        raise NotImplementedError
+
+    async def acquire(self) -> Conn:
+        """An autocommit connection (a kept warm one when there is)."""
+        conn = self._kept.take()
+        if conn is None:
+            conn = await self._borrow()
+            if not conn.autocommit:
+                try:
+                    await conn.set_autocommit(True)
+                except BaseException:
+                    await self._return(conn)
+                    raise
+                self._switched.add(id(conn))
+        return conn
+
+    async def release(self, conn: Conn, *, keep: bool = True) -> None:
+        """Take back a connection from :meth:`acquire` (kept warm for a moment if ``keep``)."""
+        if keep and self._kept.keep(conn):
+            return
+        await self._give_back(conn)
+
+    async def close(self) -> None:
+        """Give kept connections back (a source owning its pool also closes it)."""
+        await self._kept.close()
+
+    async def _give_back(self, conn: Conn) -> None:
+        if id(conn) in self._switched:
+            self._switched.discard(id(conn))
+            if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.set_autocommit(False)
+        await self._return(conn)
+
+    async def _borrow(self) -> Conn:
+        raise NotImplementedError
+
+    async def _return(self, conn: Conn) -> None:
+        raise NotImplementedError
+
+    def _waiting(self) -> bool:
+        raise NotImplementedError
+
+
+class PoolSource(WorkSource):
+    """Connections from a psycopg_pool ``AsyncConnectionPool``; ``owned`` ones close with it."""
+
+    def __init__(self, pool: AsyncConnectionPool, dsn: str, *, owned: bool) -> None:
+        super().__init__(dsn)
+        self.pool = pool
+        self._owned = owned
+
+    @property
+    def capacity(self) -> int:
+        """The pool's maximum size."""
+        return self.pool.max_size
+
+    async def close(self) -> None:
+        """Give kept connections back, then close the pool if pgcoord made it."""
+        await super().close()
+        if self._owned:
+            await self.pool.close()
+
+    async def _borrow(self) -> Conn:
+        try:
+            return await self.pool.getconn()
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise _driver.translate(exc, self.dsn) from exc
+
+    async def _return(self, conn: Conn) -> None:
+        # A closed pool closes the connection; a broken one is discarded and replaced.
+        await self.pool.putconn(conn)
+
+    def _waiting(self) -> bool:
+        return bool(self.pool.get_stats().get("requests_waiting", 0))
+
+
+class EngineSource(WorkSource):
+    """Connections checked out of a SQLAlchemy ``AsyncEngine``'s pool (``engine=``).
+
+    Each borrow is an ``engine.connect()`` whose driver connection pgcoord uses directly;
+    giving it back closes that SQLAlchemy connection, which returns it to the engine's pool
+    (rolled back and, with ``pool_pre_ping``, checked on its next checkout). At most ``limit``
+    are out at once, so pgcoord never takes more of the host's pool than its budget; further
+    borrowers queue here, first come first served, for up to ``timeout`` seconds.
+    """
+
+    def __init__(self, engine: AsyncEngine, dsn: str, *, limit: int, timeout: float) -> None:
+        super().__init__(dsn)
+        self.engine = engine
+        self._limit = limit
+        self._timeout = timeout
+        self._slots = asyncio.Semaphore(limit)
+        self._queued = 0
+        self._held: dict[int, Any] = {}  # id(driver connection) -> its SQLAlchemy AsyncConnection
+
+    @property
+    def capacity(self) -> int:
+        """At most this many of the engine's connections are lent to pgcoord at once."""
+        return self._limit
+
+    async def _borrow(self) -> Conn:
+        import sqlalchemy.exc
+
+        self._queued += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self._timeout)
+        except TimeoutError:
+            raise ConnectionFailedError(
+                f"no connection of the engine= pool became available within {self._timeout:g} s"
+                f" ({_driver.describe_server(self.dsn)}): pgcoord may hold {self._limit} of them"
+                " at once (raise max_connections) and the engine's pool must have room for them"
+            ) from None
+        finally:
+            self._queued -= 1
+        try:
+            sa_conn = await self.engine.connect()
+            try:
+                raw = await sa_conn.get_raw_connection()
+            except BaseException:
+                await sa_conn.close()
+                raise
+        except BaseException as exc:
+            self._slots.release()
+            if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
+                raise _driver.translate(exc.orig, self.dsn) from exc
+            if isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
+                raise ConnectionFailedError(
+                    f"the engine= pool gave no connection ({_driver.describe_server(self.dsn)}): {exc}"
+                ) from exc
+            raise
+        conn = raw.driver_connection
+        assert isinstance(conn, psycopg.AsyncConnection)
+        self._held[id(conn)] = sa_conn
+        return conn
+
+    async def _return(self, conn: Conn) -> None:
+        sa_conn = self._held.pop(id(conn))
+        try:
+            if conn.closed or conn.broken:
+                # Tell the engine's pool to drop it rather than roll back a dead socket.
+                await sa_conn.invalidate()
+            await sa_conn.close()
+        finally:
+            self._slots.release()
+
+    def _waiting(self) -> bool:
+        return self._queued > 0
+
+
+def engine_dsn(engine: Any) -> str:
+    """The libpq conninfo of a SQLAlchemy engine's URL (password included), for the listener.
+
+    Refuses what cannot lend psycopg ``AsyncConnection``s: another driver, or a sync
+    ``Engine`` (see docs/operations.md: psycopg builds an ``AsyncConnection`` only from its own
+    connect, and sharing a sync connection's socket with an async wrapper is not sound).
+    """
+    import sqlalchemy as sa
+
+    if isinstance(engine, sa.Engine):
+        dialect, is_async = engine.dialect, False
+    else:
+        from sqlalchemy.ext.asyncio import AsyncEngine
+
+        if not isinstance(engine, AsyncEngine):
+            raise InvalidTypeError(
+                f"engine must be a SQLAlchemy AsyncEngine, not {type(engine).__name__}"
+            )
+        dialect, is_async = engine.sync_engine.dialect, True
+    if (dialect.name, dialect.driver) != ("postgresql", "psycopg"):
+        raise InvalidTypeError(
+            f"engine= supports the {SUPPORTED_DRIVER} driver only (async: create_async_engine("
+            f"'{SUPPORTED_DRIVER}://...')); this engine uses {dialect.name}+{dialect.driver}"
+        )
+    if not is_async:
+        raise InvalidTypeError(
+            "engine= needs an AsyncEngine: a sync Engine's connections cannot run pgcoord's "
+            f"async statements; pass create_async_engine('{SUPPORTED_DRIVER}://...') with the "
+            "same URL, or a psycopg_pool.AsyncConnectionPool as pool="
+        )
+    cargs, cparams = dialect.create_connect_args(engine.url)
+    params = {k: v for k, v in cparams.items() if isinstance(v, str | int) and v is not None}
+    return psycopg.conninfo.make_conninfo(str(cargs[0]) if cargs else "", **params)
