@@ -144,6 +144,11 @@ class Listener:
         )
 
     @property
+    def channels(self) -> frozenset[str]:
+        """The Postgres channels LISTENed on the current connection (empty while down)."""
+        return frozenset(self._active)
+
+    @property
     def identity(self) -> tuple[int, datetime.datetime] | None:
         """(backend pid, backend start) of the current LISTEN session; None while disconnected.
 

@@ -277,3 +277,53 @@ async def wait_until(condition: Callable[[], object], timeout: float = 15.0) -> 
 def emit(**fields: Any) -> None:
     """For workers: print one JSON line and flush."""
     print(json.dumps(fields), flush=True)
+
+
+# -- connection budgets ------------------------------------------------------------------------
+
+
+def client_backends(dsn: str, *, user: str | None = None) -> int:
+    """Client backends connected to ``dsn``'s database (of ``user`` if given), not this query's."""
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend' AND (%s::text IS NULL OR usename = %s)",
+            (dbname, user, user),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@contextlib.contextmanager
+def limited_role(dsn: str, connection_limit: int) -> Iterator[str]:
+    """A login role allowed ``connection_limit`` connections (the server refuses more with
+    "too many connections for role", SQLSTATE 53300), granted pgcoord's schema in ``dsn``'s
+    database; yields its DSN. A role's limit starves nobody else on the shared server."""
+    role = unique_name("pgct_role")
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT {}").format(
+                sql.Identifier(role), sql.Literal(connection_limit)
+            )
+        )
+        for grant in (
+            "GRANT USAGE, CREATE ON SCHEMA pgcoord TO {}",
+            "GRANT ALL ON ALL TABLES IN SCHEMA pgcoord TO {}",
+            "GRANT ALL ON ALL SEQUENCES IN SCHEMA pgcoord TO {}",
+            "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgcoord TO {}",
+        ):
+            conn.execute(sql.SQL(grant).format(sql.Identifier(role)))
+    params["user"] = role
+    params.pop("password", None)
+    try:
+        yield psycopg.conninfo.make_conninfo("", **params)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

@@ -14,19 +14,7 @@ import pytest
 
 import pgcoord
 from tests.conftest import CoordFactory
-
-
-def backends(dsn: str) -> int:
-    """Client backends connected to the test database, not counting this query's own."""
-    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
-            " AND backend_type = 'client backend'",
-            (dbname,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+from tests.support import client_backends
 
 
 async def test_context_manager_returns_the_started_coordinator(dsn: str) -> None:
@@ -52,15 +40,15 @@ async def test_idle_instance_holds_two_connections_and_stop_releases_all(dsn: st
     coord = pgcoord.Coordinator(dsn)
     await coord.start()
     try:
-        assert backends(dsn) <= 2
+        assert client_backends(dsn) <= 2
     finally:
         await coord.stop()
     # Connections close asynchronously on the server side; give it a moment.
     for _ in range(50):
-        if backends(dsn) == 0:
+        if client_backends(dsn) == 0:
             break
         await asyncio.sleep(0.05)
-    assert backends(dsn) == 0
+    assert client_backends(dsn) == 0
     leftover = {t for t in asyncio.all_tasks() if not t.done()} - before
     assert leftover == set()
 
@@ -209,7 +197,7 @@ async def test_a_server_older_than_supported_is_refused_clearly(
         await coord.start()
     assert not coord.running
     for _ in range(50):
-        if backends(dsn) == 0:
+        if client_backends(dsn) == 0:
             break
         await asyncio.sleep(0.05)
-    assert backends(dsn) == 0
+    assert client_backends(dsn) == 0

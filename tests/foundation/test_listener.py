@@ -152,3 +152,63 @@ async def test_concurrent_listens_are_all_active_when_they_return(
         await notify(dsn, channel, "x")
     await wait_for(lambda: len(got) == len(channels))
     assert sorted(got) == sorted(channels)
+
+
+async def test_identity_names_the_listen_session_and_changes_when_it_is_replaced(
+    coord: pgcoord.Coordinator, dsn: str
+) -> None:
+    listener = coord.listener
+    identity = listener.identity
+    assert identity is not None
+    pid, started = identity
+    assert pid == listener.backend_pid
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT backend_start FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+    assert row == (started,)
+    generation = listener.generation
+    seen_at_loss: list[object] = []
+    listener.add_lost_hook(lambda: seen_at_loss.append(listener.identity))
+    assert terminate_backend(dsn, pid)
+    await wait_for(lambda: listener.generation == generation + 1 and listener.connected)
+    # The hook ran once, when the session was found gone and before the new one existed.
+    assert seen_at_loss == [None]
+    new = listener.identity
+    assert new is not None and new != identity
+
+
+async def test_a_removed_lost_hook_is_not_called(coord: pgcoord.Coordinator, dsn: str) -> None:
+    calls: list[int] = []
+
+    def hook() -> None:
+        calls.append(1)
+
+    coord.listener.add_lost_hook(hook)
+    coord.listener.remove_lost_hook(hook)
+    generation = coord.listener.generation
+    pid = coord.listener.backend_pid
+    assert pid is not None and terminate_backend(dsn, pid)
+    await wait_for(lambda: coord.listener.generation > generation)
+    assert calls == []
+
+
+async def test_database_defaults_that_would_end_the_listen_session_are_overridden(
+    dsn: str,
+) -> None:
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for setting in ("idle_session_timeout", "idle_in_transaction_session_timeout"):
+            conn.execute(
+                psycopg.sql.SQL("ALTER DATABASE {} SET {} = '500ms'").format(
+                    psycopg.sql.Identifier(dbname), psycopg.sql.Identifier(setting)
+                )
+            )
+    listener = pgcoord.listener.Listener(dsn, heartbeat=30.0)
+    await listener.start()
+    try:
+        await asyncio.sleep(1.5)  # three times the idle timeout the database asks for
+        assert listener.connected
+        assert listener.generation == 1 and listener.reconnects == 0
+    finally:
+        await listener.stop()
