@@ -38,9 +38,9 @@ _KEEPALIVE = {
 
 
 #: Seconds a pooled connection above the pool's minimum may stay idle before it closes.
-#: psycopg_pool closes one such connection per period, so a pool grown to 3 is back to 1
-#: within two periods of quiet.
-MAX_IDLE = 10.0
+#: psycopg_pool checks once per period and closes one connection that stayed unused through
+#: a whole period, so a pool a burst grew to 3 is back to 1 within about 3 periods (15 s).
+MAX_IDLE = 5.0
 
 # How the server says it has no connection slot left: "too many clients already" and
 # "remaining connection slots are reserved ..." (max_connections), "too many connections for
