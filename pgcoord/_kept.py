@@ -4,8 +4,12 @@ Borrowing from psycopg_pool and giving back costs about as much CPU as a small s
 (measured by the services: ~60 us against ~130 us for an INSERT), and the pool hands its idle
 connections out first-in first-out, so a caller issuing statements back to back wakes a
 different backend each time. Keeping the few most recently used connections on a stack fixes
-both: a busy process reuses warm connections without touching the pool, and once it has been
-quiet for ``hold`` seconds everything goes back, so an idle instance holds nothing extra.
+both: a busy process reuses warm connections without touching the pool, and a connection that
+sat on the stack unused for ``hold`` seconds goes back, so an idle instance holds nothing extra.
+Aging each connection on its own matters: a burst leaves several on the stack, and steady light
+traffic afterwards reuses only the top one; were they released only after the whole stack was
+quiet, the burst's surplus would stay out of the pool as long as any traffic went on, and the pool
+(which closes only connections that stay unused in it) could never shrink back.
 """
 
 from __future__ import annotations
@@ -46,15 +50,15 @@ class KeptConnections:
         self._waiting = waiting
         self._keep = keep
         self._hold = hold
-        self._stack: list[Conn] = []
-        self._last_use = 0.0
+        # (connection, when it was kept): the bottom is the oldest, as pushes only go on top.
+        self._stack: list[tuple[Conn, float]] = []
         self._reaper: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
     def take(self) -> Conn | None:
         """The most recently kept healthy connection, or None (then borrow)."""
         while self._stack:
-            conn = self._stack.pop()
+            conn, _ = self._stack.pop()
             if conn.pgconn.status == ConnStatus.OK:
                 return conn
             self._give_back_later(conn)  # broken while kept: the source discards it
@@ -71,23 +75,23 @@ class KeptConnections:
             or self._waiting()
         ):
             return False
-        self._stack.append(conn)
-        self._last_use = time.monotonic()
+        self._stack.append((conn, time.monotonic()))
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().call_later(self._hold, self._reap)
         return True
 
     def _reap(self) -> None:
         self._reaper = None
-        if not self._stack:
-            return
-        quiet = time.monotonic() - self._last_use
-        if quiet < self._hold:
-            self._reaper = asyncio.get_running_loop().call_later(self._hold - quiet, self._reap)
-            return
-        stack, self._stack = self._stack, []
-        for conn in stack:
+        now = time.monotonic()
+        aged = 0
+        while aged < len(self._stack) and now - self._stack[aged][1] >= self._hold:
+            aged += 1
+        stale, self._stack = self._stack[:aged], self._stack[aged:]
+        for conn, _ in stale:
             self._give_back_later(conn)
+        if self._stack:
+            wait = self._hold - (now - self._stack[0][1])
+            self._reaper = asyncio.get_running_loop().call_later(wait, self._reap)
 
     def _give_back_later(self, conn: Conn) -> None:
         task = asyncio.get_running_loop().create_task(self._put(conn))
@@ -105,7 +109,7 @@ class KeptConnections:
             self._reaper.cancel()
             self._reaper = None
         stack, self._stack = self._stack, []
-        for conn in stack:
+        for conn, _ in stack:
             await self._put(conn)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

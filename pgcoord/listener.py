@@ -430,6 +430,12 @@ class ListenerView:
         if self._lost_hooks.pop(hook, 0) is None:
             self._listener.remove_lost_hook(hook)
 
+    async def stop(self) -> None:
+        """Stop the shared Listener itself: every Coordinator using it stops receiving
+        notifications (a deliberate outage, e.g. in tests; ``stop()`` of the Coordinator is
+        what ends one Coordinator's part)."""
+        await self._listener.stop()
+
     async def detach(self) -> None:
         """Remove everything registered through this view (the Coordinator is stopping)."""
         for hook in self._hooks:

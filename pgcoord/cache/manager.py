@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -395,7 +396,10 @@ class CacheManager(Service):
 
     async def _sweep_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._sweep_interval)
+            # Jitter: Coordinators started together (many apps in one process, a fleet after
+            # a deploy) would otherwise sweep in lockstep, each round a burst that grows the
+            # shared pool to its budget and keeps it from ever shrinking back.
+            await asyncio.sleep(self._sweep_interval * random.uniform(0.8, 1.2))
             try:
                 await self.sweep()
             except asyncio.CancelledError:

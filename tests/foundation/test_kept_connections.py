@@ -46,3 +46,24 @@ async def test_kept_connections_go_back_to_the_pool_when_quiet(make_coord: Coord
     assert coord.pool.get_stats()["pool_available"] == 0  # kept out of the pool, warm
     await asyncio.sleep(_kept.HOLD * 2.5)
     assert coord.pool.get_stats()["pool_available"] >= 1
+
+
+async def test_a_bursts_surplus_goes_back_while_light_traffic_continues(
+    make_coord: CoordFactory,
+) -> None:
+    coord = await make_coord(max_connections=5)
+
+    async def hold() -> None:
+        async with coord._rt.connection():
+            await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(hold() for _ in range(4)))
+    assert coord.pool.get_stats()["pool_available"] == 0  # all four kept warm
+    # One borrower at a time, never a second of quiet: only the top connection is reused, so
+    # the other three must age out to the pool (where it can close them when idle).
+    loop = asyncio.get_running_loop()
+    until = loop.time() + _kept.HOLD * 2.5
+    while loop.time() < until:
+        await _backend_pid(coord)
+        await asyncio.sleep(_kept.HOLD / 5)
+    assert coord.pool.get_stats()["pool_available"] >= 3
