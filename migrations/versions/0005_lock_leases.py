@@ -49,13 +49,22 @@ LANGUAGE sql STABLE AS $fn$
         WHERE a.backend_start IS NULL OR a.backend_start = p_start)
 $fn$"""
     live = f"""
-CREATE FUNCTION {s}.lock_live(p_key bigint) RETURNS {s}.lock_leases
-LANGUAGE sql STABLE AS $fn$
-    -- The lease row of p_key when it names a holder that is alive and within its lease.
-    SELECT l.* FROM {s}.lock_leases l
-    WHERE l.lock_key = p_key AND l.holder_pid IS NOT NULL
-      AND (l.expires_at IS NULL OR l.expires_at > clock_timestamp())
-      AND {s}.lock_alive(l.holder_pid, l.holder_start)
+CREATE FUNCTION {s}.lock_live(p_key bigint, OUT live boolean, OUT expires_in double precision)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v record;
+BEGIN
+    -- Whether a live holder's lease row holds p_key, and how long its lease has left (NULL:
+    -- no lease). A plain lookup first, liveness only for a row found: a single query joining
+    -- pg_stat_get_activity costs more to plan than the raw advisory lock takes to run.
+    SELECT l.holder_pid, l.holder_start, l.expires_at INTO v
+    FROM {s}.lock_leases l WHERE l.lock_key = p_key AND l.holder_pid IS NOT NULL;
+    live := FOUND AND (v.expires_at IS NULL OR v.expires_at > clock_timestamp())
+            AND {s}.lock_alive(v.holder_pid, v.holder_start);
+    IF live THEN
+        expires_in := date_part('epoch', v.expires_at - clock_timestamp());
+    END IF;
+END
 $fn$"""
     try_ = f"""
 CREATE FUNCTION {s}.lock_try(
@@ -64,12 +73,12 @@ CREATE FUNCTION {s}.lock_try(
 ) LANGUAGE plpgsql AS $fn$
 DECLARE
     v_epoch bigint;
-    v_lease {s}.lock_leases;
+    v_live boolean;
 BEGIN
     newly_wanted := false;
     IF pg_try_advisory_lock(p_key) THEN
-        v_lease := {s}.lock_live(p_key);
-        IF v_lease.lock_key IS NULL THEN
+        SELECT l.live, l.expires_in INTO v_live, expires_in FROM {s}.lock_live(p_key) l;
+        IF NOT v_live THEN
             -- Held on this session. The lease: the server ends the session (which frees the
             -- lock) once it idles p_ttl_ms; the client promotes or releases long before.
             PERFORM set_config('idle_session_timeout', CAST(p_ttl_ms AS text), false);
@@ -78,11 +87,11 @@ BEGIN
                 v_epoch := {s}.lock_new_epoch();
             END IF;
             token := v_epoch * {_EPOCH_FACTOR} + nextval('{s}.lock_token_seq');
+            expires_in := NULL;
             RETURN;
         END IF;
         -- A promoted lease holds it: let go of the advisory lock again.
         PERFORM pg_advisory_unlock(p_key);
-        expires_in := date_part('epoch', v_lease.expires_at - clock_timestamp());
     END IF;
     IF p_want THEN
         -- Ask the holder's release to wake us. A release that ran between our try and this
@@ -144,7 +153,7 @@ BEGIN
     -- ... then waits out a promoted lease (new session locks cannot start meanwhile: their
     -- advisory try fails). Only READ COMMITTED sees the lease end; a transaction with one
     -- snapshot must fail rather than wait forever.
-    WHILE ({s}.lock_live(p_key)).lock_key IS NOT NULL LOOP
+    WHILE ({s}.lock_live(p_key)).live LOOP
         IF current_setting('transaction_isolation') <> 'read committed' THEN
             RAISE EXCEPTION 'pgcoord lock % is held by a session lock; xact_lock can wait for it only in a READ COMMITTED transaction', p_key
                 USING ERRCODE = 'serialization_failure';
@@ -156,15 +165,18 @@ END
 $fn$"""
     free = f"""
 CREATE FUNCTION {s}.lock_free(p_key bigint) RETURNS boolean LANGUAGE plpgsql AS $fn$
+DECLARE
+    v record;
 BEGIN
     -- The hot acquisition's check (the caller's statement draws the token when this is true).
+    -- Queries kept trivial to plan: this runs as often as the raw advisory lock does.
     IF NOT pg_try_advisory_lock(p_key) THEN
         RETURN false;
     END IF;
-    IF EXISTS (SELECT 1 FROM {s}.lock_leases l
-               WHERE l.lock_key = p_key AND l.holder_pid IS NOT NULL
-                 AND (l.expires_at IS NULL OR l.expires_at > clock_timestamp())
-                 AND {s}.lock_alive(l.holder_pid, l.holder_start)) THEN
+    SELECT l.holder_pid, l.holder_start, l.expires_at INTO v
+    FROM {s}.lock_leases l WHERE l.lock_key = p_key AND l.holder_pid IS NOT NULL;
+    IF FOUND AND (v.expires_at IS NULL OR v.expires_at > clock_timestamp())
+       AND {s}.lock_alive(v.holder_pid, v.holder_start) THEN
         PERFORM pg_advisory_unlock(p_key);
         RETURN false;
     END IF;

@@ -1,15 +1,13 @@
 """Per-key admission inside one process (asyncio only, no I/O).
 
-Mutual exclusion itself is the server's job, also between tasks of one process: every holder
-and every waiter uses a session of its own (a dedicated connection holds at most one lock at a
-time), and advisory locks only re-enter within *one* session, so two tasks never share a hold.
+The session that holds a key re-enters it, so the server cannot keep two tasks of one process
+apart: this gate does. It admits ``depth`` tasks per key (1 for locks: the holder or the one
+task waiting on the server); the others queue here, in FIFO order, without a connection.
 
-This gate bounds how many of this process's tasks may be on the server for one key at once:
-the holder plus ``depth - 1`` queued waiters; the other tasks queue here, in FIFO order, without
-using a connection. A depth of 2 keeps the next local waiter already queued on the server when
-the holder releases, so the lock passes on in one round trip (with a depth of 1 every local
-handoff would cost an extra round trip while the lock sits free), while 100 tasks waiting for
-one hot key still use only 2 connections.
+A holder leaving the gate may hand its next task a *baton* (for locks: the session that still
+holds the advisory lock, so the lock passes on without being let go). A baton nobody can take
+(the next task gave up at that moment and nobody is behind it) goes to ``orphan``, which must
+dispose of it.
 
 Gates are keyed by the 64-bit advisory key, not the user's string: two keys that hash alike
 share a gate and merely wait for each other, exactly as they do on the server.
@@ -19,18 +17,37 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
+
+
+def _no_orphans(_baton: object) -> None:  # pragma: no cover - only gates without batons
+    raise AssertionError("a baton was handed through a gate that cannot dispose of one")
 
 
 class KeyGate:
     """One key's gate: ``depth`` slots, FIFO waiters, and a count of interested tasks."""
 
-    __slots__ = ("active", "depth", "users", "waiters")
+    __slots__ = ("active", "baton", "depth", "orphan", "streak", "users", "waiters")
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, orphan: Callable[[object], None] = _no_orphans) -> None:
         self.depth = depth
         self.active = 0  # slots in use (tasks on the server for this key)
         self.users = 0  # tasks holding or waiting for a slot
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: What the last exit handed to the task it woke (taken with :meth:`take_baton`).
+        self.baton: object | None = None
+        #: Hand-overs in a row (the caller's fairness bookkeeping).
+        self.streak = 0
+        self.orphan = orphan
+
+    def has_waiter(self) -> bool:
+        """True when a task is queued here (an exit would wake it)."""
+        return any(not waiter.done() for waiter in self.waiters)
+
+    def take_baton(self) -> object | None:
+        """The baton handed to the task that was just admitted, if any (cleared)."""
+        baton, self.baton = self.baton, None
+        return baton
 
     async def enter(self, deadline: float | None) -> bool:
         """Take a slot; False when none frees up by ``deadline`` (loop time).
@@ -57,7 +74,7 @@ class KeyGate:
                     await waiter
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
-                self.exit()  # the slot was handed over as we gave up: pass it on
+                self.exit(self.take_baton())  # handed over as we gave up: pass it on
             else:
                 waiter.cancel()
             if isinstance(exc, TimeoutError):
@@ -65,21 +82,27 @@ class KeyGate:
             raise
         return True
 
-    def exit(self) -> None:
-        """Give the slot back: to the first waiter in line, else to the pool of free slots."""
+    def exit(self, baton: object | None = None) -> None:
+        """Give the slot back: to the first waiter in line (with ``baton``), else to the pool
+        of free slots (and a baton to ``orphan``)."""
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
+                self.baton = baton
                 waiter.set_result(None)  # the slot passes on; ``active`` is unchanged
                 return
         self.active -= 1
+        self.streak = 0
+        if baton is not None:
+            self.orphan(baton)
 
 
 class KeyGates:
     """The gates of one process (one per key in use)."""
 
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, depth: int = 2, orphan: Callable[[object], None] = _no_orphans) -> None:
         self._depth = depth
+        self._orphan = orphan
         self._gates: dict[int, KeyGate] = {}
 
     def __len__(self) -> int:
@@ -89,7 +112,7 @@ class KeyGates:
         """Register interest in ``key``'s gate (pair with :meth:`leave`)."""
         gate = self._gates.get(key)
         if gate is None:
-            gate = self._gates[key] = KeyGate(self._depth)
+            gate = self._gates[key] = KeyGate(self._depth, self._orphan)
         gate.users += 1
         return gate
 

@@ -90,6 +90,7 @@ class Lock:
         "_ttl",
         "advisory_key",
         "channel",
+        "wanted",
     )
 
     def __init__(
@@ -124,6 +125,8 @@ class Lock:
         self._idle: asyncio.Event | None = None  # set when it ends, if another task waits
         self._timer: asyncio.TimerHandle | None = None
         self._promoting: asyncio.Task[None] | None = None
+        #: Another instance was seen waiting for this key (bounds local hand-overs).
+        self.wanted = False
         self._arm()
 
     # -- state -----------------------------------------------------------------------------
@@ -322,6 +325,14 @@ class Lock:
             if self._expired():
                 self._lose("its ttl passed before release")
                 return
+            conn = self._conn
+            if conn is not None and self._manager._hand_over(self):
+                # The next task of this process takes the session, still holding the key.
+                self._state = _State.RELEASED
+                self._disarm()
+                self._conn = None
+                self._manager._handed_over(self, conn)
+                return
             try:
                 released = await self._manager._release(self, self._conn)
             except BaseException as exc:
@@ -339,7 +350,8 @@ class Lock:
                 # Back before the next acquisition of this task borrows: a busy loop keeps
                 # reusing the same warm connection.
                 await self._manager._give_back(conn)
-            self._manager._lock_done(self, None, reuse=True)
+            # Let go while a task of this process queues behind: it waits with the others.
+            self._manager._lock_done(self, None, reuse=True, yielded=self._gate.has_waiter())
         finally:
             self._end()
 

@@ -43,6 +43,14 @@ SERVICE_TAG = "locks"
 
 _ADVISORY_CACHE = 4096
 
+#: While another instance waits for a key, this process hands it to its own next task at most
+#: this many times in a row before letting it go to the cluster (bounded unfairness: local
+#: hand-overs cost one round trip instead of two, and keep contended locks fast).
+LOCAL_HANDOFFS = 8
+
+#: The baton saying "the previous holder let the lock go to the cluster: queue like the others".
+_YIELDED = object()
+
 #: How many work connections fresh (not yet promoted) locks may use at once, by default.
 DEFAULT_SESSIONS = 2
 
@@ -103,7 +111,7 @@ class LockManager(Service):
         self._queries = LockQueries.for_schema(runtime.schema)
         # One task per key on the server: the session holding a key re-enters it, so tasks
         # of this process are kept apart here, FIFO.
-        self._gates = KeyGates(1)
+        self._gates = KeyGates(1, self._orphaned)
         self._advisory_keys: dict[str, int] = {}
         self._held: set[Lock] = set()
         self._sessions: dict[Lock, None] = {}  # held on a session, oldest first
@@ -209,14 +217,79 @@ class LockManager(Service):
                 "this process holds it or waits for it"
             )
         try:
-            return await self._take(name, advisory_key, gate, ttl_s, deadline)
+            baton = gate.take_baton()
+            if isinstance(baton, psycopg.AsyncConnection):
+                lock = await self._take_over(name, advisory_key, gate, ttl_s, baton)
+                if lock is not None:
+                    return lock
+            return await self._take(
+                name, advisory_key, gate, ttl_s, deadline, queue=baton is _YIELDED
+            )
         except BaseException:
             gate.exit()
             self._gates.leave(advisory_key, gate)
             raise
 
+    async def _take_over(
+        self, name: str, advisory_key: int, gate: KeyGate, ttl: float | None, conn: Connection
+    ) -> Lock | None:
+        """Take the lock from the session the previous local holder handed over (still locked)."""
+        channel = self._rt.channel(SERVICE_TAG, name)
+        sent_at = lease.now()
+        try:
+            cur = await conn.execute(
+                self._queries.take_over,
+                (str(lease.server_ttl_ms(ttl)), advisory_key),
+                binary=True,
+            )
+            row = await cur.fetchone()
+        except BaseException as exc:
+            await self._discard(conn)  # closing the session lets the lock go
+            if isinstance(exc, psycopg.Error):
+                return None  # take it the ordinary way
+            raise
+        if self._stopped() or row is None:
+            await self._discard(conn)
+            self._check_running()
+            return None
+        lock = Lock(self, name, advisory_key, channel, gate, conn, int(row[0]), ttl, sent_at)
+        lock.wanted = bool(row[2])
+        self._held.add(lock)
+        self._sessions[lock] = None
+        return lock
+
+    def _hand_over(self, lock: Lock) -> bool:
+        """Whether ``lock``'s release may pass its session to the next task of this process."""
+        gate = lock._gate
+        if not gate.has_waiter():
+            return False
+        if lock.wanted and gate.streak >= LOCAL_HANDOFFS:
+            return False  # another instance has waited long enough
+        gate.streak += 1
+        return True
+
+    def _handed_over(self, lock: Lock, conn: Connection) -> None:
+        """``lock`` was released by passing ``conn`` (still holding the key) to the next task."""
+        self._held.discard(lock)
+        self._sessions.pop(lock, None)
+        lock._gate.exit(conn)
+        self._gates.leave(lock.advisory_key, lock._gate)
+
+    def _orphaned(self, baton: object) -> None:
+        # A session handed to a task that gave up, with nobody behind it: closing it lets go.
+        if isinstance(baton, psycopg.AsyncConnection):
+            task = asyncio.get_running_loop().create_task(self._discard(baton))
+            task.add_done_callback(_log_failure)
+
     async def _take(
-        self, name: str, advisory_key: int, gate: KeyGate, ttl: float | None, deadline: float | None
+        self,
+        name: str,
+        advisory_key: int,
+        gate: KeyGate,
+        ttl: float | None,
+        deadline: float | None,
+        *,
+        queue: bool = False,
     ) -> Lock:
         loop = asyncio.get_running_loop()
         only_try = deadline is not None and deadline <= loop.time()
@@ -226,6 +299,12 @@ class LockManager(Service):
         # nothing about the lock.
         conn_deadline = None if only_try else deadline
         wakeup: asyncio.Event | None = None
+        if queue and not only_try:
+            # The previous local holder let the lock go because another instance waits: wait
+            # for the release's NOTIFY with them instead of racing them to it.
+            wakeup = asyncio.Event()
+            self._wakeups[channel] = wakeup
+            await self._rt.listener.listen(channel, self._on_wakeup)
         retry = Backoff(self._rt.connect_timeout)
         try:
             while True:
@@ -248,6 +327,7 @@ class LockManager(Service):
                     continue
                 retry.reset()
                 if lock is not None:
+                    gate.streak = 0  # had from the server: local hand-overs count afresh
                     return lock
                 if only_try:
                     raise LockAcquireError(f"the lock {name!r} is held by another holder")
@@ -413,8 +493,12 @@ class LockManager(Service):
             max(0.0, lease.now() - lock._acquired),
         )
         # Two statements in one round trip: the lease row commits, then the advisory lock goes.
-        async with conn.pipeline():
+        # The sync between them matters: statements of a pipeline not separated by a sync run
+        # in one implicit transaction, and the (session-level) unlock would take effect before
+        # the row committed, letting another session in between.
+        async with conn.pipeline() as pipeline:
             cur = await conn.execute(q.promote, params)
+            await pipeline.sync()
             await conn.execute(q.unlock_promoted, (lock.advisory_key, lock.token))
         row = await cur.fetchone()
         return bool(row and row[0])
@@ -453,7 +537,9 @@ class LockManager(Service):
     async def _give_back(self, conn: Connection) -> None:
         await self._rt.release(conn)
 
-    def _lock_done(self, lock: Lock, conn: Connection | None, *, reuse: bool) -> None:
+    def _lock_done(
+        self, lock: Lock, conn: Connection | None, *, reuse: bool, yielded: bool = False
+    ) -> None:
         self._held.discard(lock)
         self._sessions.pop(lock, None)
         if conn is not None:
@@ -461,7 +547,7 @@ class LockManager(Service):
             put = self._rt.release(conn) if reuse else self._discard(conn)
             loop.create_task(put).add_done_callback(_log_failure)
         gate = lock._gate
-        gate.exit()
+        gate.exit(_YIELDED if yielded else None)
         self._gates.leave(lock.advisory_key, gate)
 
     def _on_listener_lost(self) -> None:

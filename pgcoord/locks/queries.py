@@ -24,6 +24,15 @@ SELECT CASE WHEN g.free THEN
 FROM (SELECT {free}(%s) AS free OFFSET 0) g
 """
 
+# A task of this process takes the lock over from the previous holder's session without it
+# being let go: a new token, its own lease, and whether another instance waits (fairness).
+_TAKE_OVER = """
+SELECT COALESCE((SELECT epoch FROM {epoch_live} WHERE id = 1), {new_epoch}()) * {factor}
+       + nextval({seq}),
+       set_config('idle_session_timeout', %s, false),
+       EXISTS (SELECT 1 FROM {leases} WHERE lock_key = %s AND wanted)
+"""
+
 # Unlock on the session, disarm its lease, then (lock_wake, with a fresh snapshot) wake the
 # waiters that marked the key. One round trip.
 _UNLOCK = """
@@ -64,6 +73,7 @@ class LockQueries:
 
     acquire: bytes
     acquire_waiting: bytes
+    take_over: bytes
     unlock: bytes
     extend_session: bytes
     promote: bytes
@@ -94,6 +104,14 @@ class LockQueries:
                 factor=sql.Literal(1 << TOKEN_EPOCH_SHIFT),
                 seq=sql.Literal(sql.Identifier(schema, "lock_token_seq").as_string(None)),
                 free=fn("lock_free"),
+            ),
+            take_over=render(
+                _TAKE_OVER,
+                epoch_live=fn("lock_epoch_live"),
+                new_epoch=fn("lock_new_epoch"),
+                factor=sql.Literal(1 << TOKEN_EPOCH_SHIFT),
+                seq=sql.Literal(sql.Identifier(schema, "lock_token_seq").as_string(None)),
+                leases=leases,
             ),
             acquire_waiting=render(
                 sql.SQL("SELECT token, expires_in, newly_wanted FROM {}(%s, %s, true)").format(

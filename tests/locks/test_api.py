@@ -591,3 +591,21 @@ async def test_the_lease_counts_from_the_grant_not_from_the_request(
     assert second.held and not second.lost  # its lease starts when it got the lock
     await second.extend()
     await second.release()
+
+
+async def test_promotion_never_leaves_the_key_free_in_between(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    # A blocked xact_lock is granted the instant the session lets go of the advisory lock:
+    # if the lease row were not committed by then, it would get in beside the holder.
+    a, b = await two(make_coord)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        for i in range(10):
+            lock = await b.lock_manager.acquire(f"p{i}")
+            waiting = asyncio.create_task(a.lock_manager.xact_lock(f"p{i}", transaction=conn))
+            await wait_for(lambda lock=lock: lock.promoted)  # type: ignore[misc]
+            await asyncio.sleep(0.05)
+            assert not waiting.done(), f"round {i}: xact_lock got in during the promotion"
+            await lock.release()
+            await asyncio.wait_for(waiting, 15)
+            await conn.rollback()
