@@ -82,13 +82,38 @@ def build(schema: str) -> Queries:
     )
     # Claimable means run_at <= now(): new, delayed-and-due, retry-due, or lease expired (a
     # dead or frozen worker's job comes back through this very query; no sweeper needed).
+    # A claim that comes back short also says, in the same round trip, in how many seconds
+    # the next job of the queue may become claimable, so an idle worker sleeps exactly that
+    # long instead of polling (docs/queue.md, "Waking up"). That is the earliest of:
+    # - a future run_at (delayed job, retry after backoff, another worker's lease end) of a
+    #   job not leased by this worker (ours are renewed while they run);
+    # - now() + lease when a claimable row was skipped because it is locked: another worker
+    #   is claiming it right now, and its lease will end about then if that worker dies.
+    # Computed per distinct priority (a loose index scan: two probes each), because the one
+    # claim index leads with priority; a full claim skips it altogether (more work is
+    # waiting, the worker claims again at once).
     claim = (
-        f"WITH {_ASYNC_COMMIT}, c AS (SELECT id FROM {{jobs}} "
-        "WHERE app = %s AND channel = %s AND run_at <= now() "
-        "ORDER BY priority DESC, run_at, id LIMIT %s FOR UPDATE SKIP LOCKED) "
-        "UPDATE {jobs} AS j SET run_at = now() + make_interval(secs => %s), "
-        "attempt = j.attempt + 1, worker = %s FROM c, cfg WHERE j.id = c.id "
-        f"RETURNING j.{_JOB_COLUMNS.replace(', ', ', j.')}"
+        f"WITH RECURSIVE {_ASYNC_COMMIT}, c AS (SELECT id FROM {{jobs}} "
+        "WHERE app = %(app)s AND channel = %(channel)s AND run_at <= now() "
+        "ORDER BY priority DESC, run_at, id LIMIT %(n)s FOR UPDATE SKIP LOCKED), "
+        "u AS (UPDATE {jobs} AS j SET run_at = now() + make_interval(secs => %(lease)s), "
+        "attempt = j.attempt + 1, worker = %(me)s FROM c, cfg WHERE j.id = c.id "
+        f"RETURNING j.{_JOB_COLUMNS.replace(', ', ', j.')}), "
+        "pr(p) AS ((SELECT priority FROM {jobs} WHERE app = %(app)s AND channel = %(channel)s "
+        "AND (SELECT count(*) FROM c) < %(n)s ORDER BY priority DESC LIMIT 1) "
+        "UNION ALL SELECT (SELECT priority FROM {jobs} WHERE app = %(app)s "
+        "AND channel = %(channel)s AND priority < pr.p ORDER BY priority DESC LIMIT 1) "
+        "FROM pr WHERE pr.p IS NOT NULL), "
+        "nx AS (SELECT extract(epoch FROM min(LEAST("
+        "(SELECT f.run_at FROM {jobs} AS f WHERE f.app = %(app)s AND f.channel = %(channel)s "
+        "AND f.priority = pr.p AND f.run_at > now() AND f.worker IS DISTINCT FROM %(me)s "
+        "ORDER BY f.run_at LIMIT 1), "
+        "CASE WHEN EXISTS (SELECT 1 FROM {jobs} AS k WHERE k.app = %(app)s "
+        "AND k.channel = %(channel)s AND k.priority = pr.p AND k.run_at <= now() "
+        "AND k.id NOT IN (SELECT id FROM c)) "
+        "THEN now() + make_interval(secs => %(lease)s) END)) - now())::float8 AS due "
+        "FROM pr WHERE pr.p IS NOT NULL) "
+        "SELECT u.*, nx.due FROM nx LEFT JOIN u ON true"
     )
     fenced = "unnest(%s::bigint[], %s::int[]) AS d(id, attempt)"
     return Queries(

@@ -33,6 +33,11 @@ log = logging.getLogger("pgcoord.queue")
 
 #: Least seconds between two VACUUMs of the jobs table started by one process.
 _VACUUM_MIN_GAP = 2.0
+#: Least seconds between two writes an idle instance makes (its queue_waiters refresh): at
+#: least half of any pool ``max_idle`` up to 30 s, so periodic queue work never keeps a pooled
+#: connection from closing. Waiter rows live three such periods, so a killed worker stops
+#: counting by then.
+_IDLE_WRITE_GAP = 15.0
 
 
 class EventQueue(Service):
@@ -50,7 +55,9 @@ class EventQueue(Service):
     and releasing them), ``queue_batch`` (most jobs claimed per round trip),
     ``queue_notify_gap`` (least seconds between two wake-up NOTIFYs this process sends for one
     queue), ``queue_txn_notify_window`` (see docs/queue.md), ``queue_vacuum_every`` (this
-    process VACUUMs the jobs table after finishing this many jobs, at most every 2 s; 0: never).
+    process VACUUMs the jobs table after finishing this many jobs, at most every 2 s; 0: never),
+    ``queue_idle_poll`` (the longest an idle worker sleeps without a NOTIFY or a known due
+    job before it claims anyway: the safety net for wake-ups it cannot know about).
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {
@@ -64,6 +71,10 @@ class EventQueue(Service):
         # lease, or was stopped) before the job is dead-lettered: a job that crashes every
         # worker that runs it must not be rescued forever.
         "queue_max_interruptions": 10,
+        # Idle workers do not poll: NOTIFYs and the due times their claims return wake them.
+        # This only bounds how late a job is found whose wake-up nobody could send (see
+        # docs/queue.md, "Waking up").
+        "queue_idle_poll": 30.0,
     }
 
     def __init__(self, runtime: Runtime) -> None:
@@ -78,6 +89,12 @@ class EventQueue(Service):
         self._txn_window = check_non_negative(
             self.option("queue_txn_notify_window"), "queue_txn_notify_window"
         )
+        self._idle_poll = check_positive(self.option("queue_idle_poll"), "queue_idle_poll")
+        # Waiter rows are refreshed every lease/3 at most, but no more often than an idle
+        # instance may write; they expire after three refresh periods.
+        self._waiter_every = max(self._lease / 3, _IDLE_WRITE_GAP)
+        self._waiter_ttl = 3 * self._waiter_every
+        self._last_waiter_refresh = float("-inf")
         self._q = queries.build(runtime.schema)
         self._workers: dict[str, Worker] = {}
         #: Unsubscribed workers still in their grace period: their running jobs' leases must
@@ -151,8 +168,16 @@ class EventQueue(Service):
         for worker in self._workers.values():
             worker.wake.set()
 
+    def _listening(self) -> bool:
+        """True while NOTIFYs can reach the workers (the LISTEN connection is up)."""
+        try:
+            return self._rt.listener.connected
+        except PgcoordError:
+            return False
+
     async def _activate(self, worker: Worker) -> None:
         await self._rt.listener.listen(worker.pg_channel, worker.on_notify)
+        self._rt.listener.add_lost_hook(worker.on_lost)
         worker.start()
 
     async def _deactivate(self, worker: Worker) -> list[tuple[int, int]]:
@@ -163,6 +188,7 @@ class EventQueue(Service):
             self._draining.discard(worker)
         await self._delete_waiter(worker.channel)
         with contextlib.suppress(PgcoordError):
+            self._rt.listener.remove_lost_hook(worker.on_lost)
             await self._rt.listener.unlisten(worker.pg_channel, worker.on_notify)
         return jobs
 
@@ -181,9 +207,12 @@ class EventQueue(Service):
 
         ``process`` may be async (run as a task) or sync (run in a thread). ``idle()``, when
         given, is asked before every claim; False pauses claiming. At most ``concurrency``
-        jobs run at once (``<= 0``: no limit). An idle worker wakes on a NOTIFY within
-        milliseconds and polls every ``interval`` seconds besides. Subscribing again to the
-        same channel replaces the earlier subscription. May be called before ``start()``.
+        jobs run at once (``<= 0``: no limit). An idle worker does not poll: it wakes on a
+        NOTIFY within milliseconds, and when the next delayed job, retry or lease it knows of
+        comes due. ``interval`` is the poll period only while NOTIFYs cannot arrive (the
+        listener is reconnecting) and while ``idle()`` returns False (it is asked again every
+        ``interval``). Subscribing again to the same channel replaces the earlier
+        subscription. May be called before ``start()``.
         """
         check_key(channel, "channel")
         opts = subscribe_options(
@@ -440,19 +469,29 @@ class EventQueue(Service):
 
     # -- internals used by workers ---------------------------------------------------------
 
-    async def _claim(self, channel: str, n: int) -> list[tuple[Any, ...]]:
+    async def _claim(self, channel: str, n: int) -> tuple[list[tuple[Any, ...]], float | None]:
+        """Claim up to ``n`` jobs; also, when fewer came back, in how many seconds the next
+        job of the queue may become claimable (None: no job known)."""
+        params = {
+            "app": self._rt.app,
+            "channel": channel,
+            "n": n,
+            "lease": self._lease,
+            "me": self._rt.instance_id,
+        }
         async with self._rt.connection() as conn:
-            cur = await conn.execute(
-                self._q.claim,
-                (self._rt.app, channel, n, self._lease, self._rt.instance_id),
-            )
-            return await cur.fetchall()
+            cur = await conn.execute(self._q.claim, params)
+            rows = await cur.fetchall()
+        # One row at least (the due time rides on every row); job columns are NULL when
+        # nothing was claimed.
+        due = rows[0][-1] if rows else None
+        return [r[:-1] for r in rows if r[0] is not None], due
 
     async def _set_waiter(self, channel: str, idle: bool) -> None:
         async with self._rt.connection() as conn:
             await conn.execute(
                 self._q.waiter_set,
-                (self._rt.app, channel, self._rt.instance_id, idle, self._lease),
+                (self._rt.app, channel, self._rt.instance_id, idle, self._waiter_ttl),
             )
 
     async def _delete_waiter(self, channel: str) -> None:
@@ -476,7 +515,7 @@ class EventQueue(Service):
                 (
                     self._rt.app,
                     self._rt.instance_id,
-                    self._lease,
+                    self._waiter_ttl,
                     [w.channel for w in known],
                     [bool(w.idle_state) for w in known],
                 ),
@@ -526,10 +565,13 @@ class EventQueue(Service):
                 log.exception("pgcoord queue: lease renewal round failed; retrying")
 
     async def _renew_once(self) -> None:
-        try:
-            await self._refresh_waiters()
-        except PgcoordError as exc:
-            log.warning("pgcoord queue: refreshing worker registrations failed (%s)", exc)
+        now = time.monotonic()
+        if now - self._last_waiter_refresh >= self._waiter_every - 0.5:
+            self._last_waiter_refresh = now
+            try:
+                await self._refresh_waiters()
+            except PgcoordError as exc:
+                log.warning("pgcoord queue: refreshing worker registrations failed (%s)", exc)
         held = [
             (job.id, job.attempt, worker)
             for worker in set(self._workers.values()) | self._draining

@@ -1,9 +1,11 @@
 """One subscription's worker: claims jobs in batches, runs them, reports how each try ended.
 
 The claim loop asks for as many jobs as there are free slots (capped at the batch size), so a
-busy worker claims many jobs per round trip. It sleeps when the queue is empty until a
-NOTIFY for its queue arrives or ``interval`` passes (polling also finds delayed jobs coming
-due, retries, and jobs whose worker died). Outcomes are not written one by one: the owning
+busy worker claims many jobs per round trip. When the queue has nothing claimable it does not
+poll: it sleeps until a NOTIFY for its queue arrives or until the next job it knows of becomes
+due (a delayed job, a retry, a lease that may run out: the claim itself says when), capped by
+the ``queue_idle_poll`` safety net. An idle worker therefore sends nothing through the pool
+and lets the pool's idle connections close. Outcomes are not written one by one: the owning
 :class:`~pgcoord.queue.service.EventQueue` batches them (see ``Outcomes``).
 """
 
@@ -81,6 +83,9 @@ class Worker:
         self.slot = asyncio.Event()
         self.closing = False
         self._task: asyncio.Task[None] | None = None
+        #: Sets ``wake`` when the earliest job known to come due does (see :meth:`wake_in`).
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
         self._executor: ThreadPoolExecutor | None = None
         #: What queue_waiters says about us: True may sleep (wants NOTIFYs), False busy
         #: claiming back-to-back, None not registered (yet, or the write failed).
@@ -95,6 +100,26 @@ class Worker:
 
     def on_notify(self, _channel: str, _payload: str) -> None:
         """Listener callback: a job was published to this queue."""
+        self.wake.set()
+
+    def on_lost(self) -> None:
+        """Listener callback: the LISTEN connection is gone; re-decide how long to sleep."""
+        self.wake.set()
+
+    def wake_in(self, delay: float) -> None:
+        """Claim again in ``delay`` s (or earlier): a job of this queue becomes due then."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, delay)
+        if when >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
         self.wake.set()
 
     def start(self) -> None:
@@ -114,6 +139,9 @@ class Worker:
         self.closing = True
         self.wake.set()
         self.slot.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, float("inf")
         if self._task is not None:
             # Not cancelled: a claim in flight must come back, so its jobs are run or released.
             with contextlib.suppress(Exception):
@@ -218,7 +246,7 @@ class Worker:
             # Cleared before the claim: a NOTIFY arriving while it runs is not lost.
             self.wake.clear()
             try:
-                rows = await self.queue._claim(self.channel, free)
+                rows, due = await self.queue._claim(self.channel, free)
             except (PgcoordError, OSError) as exc:
                 log.warning(
                     "pgcoord queue %r: claim failed (%s); retrying in %.2f s",
@@ -242,11 +270,23 @@ class Worker:
                 await asyncio.sleep(0)
                 continue
             self._full_claims = 0
+            if due is not None:
+                self.wake_in(due)
             # About to sleep: say so first, then look once more. A job committed by a producer
-            # that still saw us busy is found by this second claim.
+            # that still saw us busy is found by this second claim; one whose statement began
+            # before the mark and committed after that claim, by a third one `interval` later.
             if self.idle_state is not True and not self.closing and await self._mark(True):
+                self.wake_in(interval)
                 continue
-            await self._sleep(self.wake, interval)
+            await self._sleep(self.wake, self._idle_timeout())
+
+    def _idle_timeout(self) -> float:
+        # NOTIFYs wake us, so only the safety net remains, unless the listener is down: then
+        # nothing would wake us, and we poll every `interval` until it is back (its reconnect
+        # hook wakes us too, for the NOTIFYs lost meanwhile).
+        if self.queue._listening():
+            return float(self.queue._idle_poll)
+        return self.opts.interval
 
     async def _sleep(self, event: asyncio.Event, timeout: float) -> None:
         if not event.is_set():
@@ -368,7 +408,10 @@ class Worker:
         summary = f"{type(error).__name__}: {error}"
         if retried < max_retries:
             log.info("pgcoord job %s failed (%s); retry %s", job.id, summary, retried + 1)
-            queue._outcomes.retry(job.id, attempt, retry_delay(retried))
+            delay = retry_delay(retried)
+            queue._outcomes.retry(job.id, attempt, delay)
+            # The retry comes due while we may be asleep: no NOTIFY announces it.
+            self.wake_in(delay)
         else:
             log.warning(
                 "pgcoord job %s failed for good after %s tries: %s", job.id, retried + 1, summary

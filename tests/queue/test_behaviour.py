@@ -342,10 +342,10 @@ async def test_a_late_worker_cannot_complete_a_rescued_job(
     coord = await make_coord(queue_lease=30.0)
     eq = coord.event_queue
     job = await eq.publish("fence", "x")
-    [first] = await eq._claim("fence", 10)
+    [first], _ = await eq._claim("fence", 10)
     # The first worker's lease runs out (as if it froze) and another claims the job.
     _rows(dsn, "UPDATE pgcoord.queue_jobs SET run_at = now() - interval '1 second' RETURNING id")
-    [second] = await eq._claim("fence", 10)
+    [second], _ = await eq._claim("fence", 10)
     assert (first[0], second[0]) == (job, job) and second[1] == first[1] + 1
     eq._outcomes.complete(job, first[1])  # the late worker reports success
     eq._outcomes.fail(job, first[1], "late", "late")

@@ -77,7 +77,8 @@ async def test_lease_renewal_survives_an_unexpected_error(
     await eq.subscribe("renew", process=process)
     job = await eq.publish("renew", 1)
     await asyncio.wait_for(started.wait(), 10)
-    await _until(lambda: rounds >= 2, timeout=8.0)
+    # The first round's waiter refresh raised; the rounds after it must still renew.
+    await _until(lambda: rounds >= 1, timeout=8.0)
     first = _lease_end(dsn, job)
     await _until(lambda: _lease_end(dsn, job) > first, timeout=8.0)
     release.set()
@@ -195,13 +196,13 @@ async def test_a_retried_dead_letter_never_reuses_a_fencing_token(
     eq = coord.event_queue
     job = await eq.publish("refence", "x")
     expire = "UPDATE pgcoord.queue_jobs SET run_at = now() - interval '1 second'"
-    [frozen] = await eq._claim("refence", 10)  # this worker freezes past its lease
+    [frozen], _ = await eq._claim("refence", 10)  # this worker freezes past its lease
     _rows(dsn, expire + " RETURNING id")
-    [second] = await eq._claim("refence", 10)
+    [second], _ = await eq._claim("refence", 10)
     eq._outcomes.fail(job, second[1], "boom", "tb")
     await eq.flush()
     assert await eq.retry_failed() == [job]  # an operator puts the job back
-    [third] = await eq._claim("refence", 10)
+    [third], _ = await eq._claim("refence", 10)
     assert third[1] > second[1] > frozen[1]
     eq._outcomes.complete(job, frozen[1])  # the frozen worker wakes up and reports success
     await eq.flush()
