@@ -116,6 +116,8 @@ class LockManager(Service):
         self._held: set[Lock] = set()
         self._sessions: dict[Lock, None] = {}  # held on a session, oldest first
         self._wakeups: dict[str, asyncio.Event] = {}  # channel -> the waiting task's event
+        # The token epoch each work session saw (see queries._ACQUIRE_WARM).
+        self._epochs: weakref.WeakKeyDictionary[Connection, int] = weakref.WeakKeyDictionary()
         self._stopping = False
         _MANAGERS.add(self)
 
@@ -236,11 +238,11 @@ class LockManager(Service):
         """Take the lock from the session the previous local holder handed over (still locked)."""
         channel = self._rt.channel(SERVICE_TAG, name)
         sent_at = lease.now()
+        epoch = self._epochs.get(conn)
+        query = self._queries.take_over if epoch is None else self._queries.take_over_warm
         try:
             cur = await conn.execute(
-                self._queries.take_over,
-                (str(lease.server_ttl_ms(ttl)), advisory_key),
-                binary=True,
+                query, (str(lease.server_ttl_ms(ttl)), advisory_key), binary=True
             )
             row = await cur.fetchone()
         except BaseException as exc:
@@ -252,11 +254,29 @@ class LockManager(Service):
             await self._discard(conn)
             self._check_running()
             return None
-        lock = Lock(self, name, advisory_key, channel, gate, conn, int(row[0]), ttl, sent_at)
+        lock = Lock(
+            self,
+            name,
+            advisory_key,
+            channel,
+            gate,
+            conn,
+            self._token(conn, row[0], epoch),
+            ttl,
+            sent_at,
+        )
         lock.wanted = bool(row[2])
         self._held.add(lock)
         self._sessions[lock] = None
         return lock
+
+    def _token(self, conn: Connection, drawn: int, epoch: int | None) -> int:
+        """The fencing token from what a statement drew: whole, or without the epoch this
+        session is known to have (which a whole one teaches it)."""
+        if epoch is not None:
+            return (epoch << lease.TOKEN_EPOCH_SHIFT) + int(drawn)
+        self._epochs[conn] = int(drawn) >> lease.TOKEN_EPOCH_SHIFT
+        return int(drawn)
 
     def _hand_over(self, lock: Lock) -> bool:
         """Whether ``lock``'s release may pass its session to the next task of this process."""
@@ -374,6 +394,7 @@ class LockManager(Service):
                 "(the process's connection budget is in use)"
             ) from None
         sent_at = lease.now()
+        epoch: int | None = None
         try:
             if mark:
                 cur = await conn.execute(
@@ -381,9 +402,9 @@ class LockManager(Service):
                 )
                 token, expires_in, newly = await cur.fetchone() or (None, None, False)
             else:
-                cur = await conn.execute(
-                    self._queries.acquire, (str(ttl_ms), advisory_key), binary=True
-                )
+                epoch = self._epochs.get(conn)
+                query = self._queries.acquire if epoch is None else self._queries.acquire_warm
+                cur = await conn.execute(query, (str(ttl_ms), advisory_key), binary=True)
                 row = await cur.fetchone()
                 token, expires_in, newly = (row[0] if row else None), None, False
         except BaseException as exc:
@@ -401,7 +422,8 @@ class LockManager(Service):
             # the Coordinator. Closing the session frees it.
             await self._discard(conn)
             raise NotRunningError(f"the pgcoord Coordinator stopped while acquiring {name!r}")
-        lock = Lock(self, name, advisory_key, channel, gate, conn, int(token), ttl, sent_at)
+        token = self._token(conn, token, None if mark else epoch)
+        lock = Lock(self, name, advisory_key, channel, gate, conn, token, ttl, sent_at)
         self._held.add(lock)
         self._sessions[lock] = None
         return lock, None, False

@@ -33,6 +33,20 @@ SELECT COALESCE((SELECT epoch FROM {epoch_live} WHERE id = 1), {new_epoch}()) * 
        EXISTS (SELECT 1 FROM {leases} WHERE lock_key = %s AND wanted)
 """
 
+# The same on a session that already knows the epoch (the client adds it): the epoch a session
+# saw stays valid for its whole life, since only crash recovery resets the sequence and a crash
+# ends every session.
+_ACQUIRE_WARM = """
+SELECT CASE WHEN g.free THEN nextval({seq}) END,
+       CASE WHEN g.free THEN set_config('idle_session_timeout', %s, false) END
+FROM (SELECT {free}(%s) AS free OFFSET 0) g
+"""
+
+_TAKE_OVER_WARM = """
+SELECT nextval({seq}), set_config('idle_session_timeout', %s, false),
+       EXISTS (SELECT 1 FROM {leases} WHERE lock_key = %s AND wanted)
+"""
+
 # Unlock on the session, disarm its lease, then (lock_wake, with a fresh snapshot) wake the
 # waiters that marked the key. One round trip.
 _UNLOCK = """
@@ -72,6 +86,8 @@ class LockQueries:
     """Rendered statements for one schema (rendered once: composing per call costs time)."""
 
     acquire: bytes
+    acquire_warm: bytes
+    take_over_warm: bytes
     acquire_waiting: bytes
     take_over: bytes
     unlock: bytes
@@ -104,6 +120,16 @@ class LockQueries:
                 factor=sql.Literal(1 << TOKEN_EPOCH_SHIFT),
                 seq=sql.Literal(sql.Identifier(schema, "lock_token_seq").as_string(None)),
                 free=fn("lock_free"),
+            ),
+            acquire_warm=render(
+                _ACQUIRE_WARM,
+                seq=sql.Literal(sql.Identifier(schema, "lock_token_seq").as_string(None)),
+                free=fn("lock_free"),
+            ),
+            take_over_warm=render(
+                _TAKE_OVER_WARM,
+                seq=sql.Literal(sql.Identifier(schema, "lock_token_seq").as_string(None)),
+                leases=leases,
             ),
             take_over=render(
                 _TAKE_OVER,

@@ -532,6 +532,7 @@ def run_scenario(
     *,
     processes_n: int,
     coordinators: int,
+    max_connections: int | None = None,
     burst_seconds: float = 5.0,
     tasks: int = 8,
     idle_timeout: float = 60.0,
@@ -568,6 +569,8 @@ def run_scenario(
                         str(coordinators),
                         "--instance-base",
                         str(p * coordinators),
+                        "--max-connections",
+                        str(max_connections or 0),
                         dsn=dsn,
                     )
                 )

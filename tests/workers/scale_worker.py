@@ -238,10 +238,12 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--coordinators", type=int, default=1)
     parser.add_argument("--instance-base", type=int, default=0)
+    parser.add_argument("--max-connections", type=int, default=0, help="0: the default budget")
     args = parser.parse_args()
     dsn = os.environ["PGCOORD_DSN"]
+    budget = {"max_connections": args.max_connections} if args.max_connections else {}
     coords = [
-        pgcoord.Coordinator(dsn, app=f"scale{i}", migrate=True, heartbeat=1.0)
+        pgcoord.Coordinator(dsn, app=f"scale{i}", migrate=True, heartbeat=1.0, **budget)
         for i in range(args.coordinators)
     ]
     worker = Worker(coords, args.instance_base)
