@@ -48,6 +48,10 @@ _ADVISORY_CACHE = 4096
 #: hand-overs cost one round trip instead of two, and keep contended locks fast).
 LOCAL_HANDOFFS = 8
 
+#: How soon after marking a key a waiter looks once more, for a release whose check of the mark
+#: ran in the instant before the mark committed (it then sent no NOTIFY).
+_LATE_CHECK = 0.02
+
 #: The baton saying "the previous holder let the lock go to the cluster: queue like the others".
 _YIELDED = object()
 
@@ -326,6 +330,7 @@ class LockManager(Service):
             self._wakeups[channel] = wakeup
             await self._rt.listener.listen(channel, self._on_wakeup)
         retry = Backoff(self._rt.connect_timeout)
+        late_check = False
         try:
             while True:
                 try:
@@ -359,7 +364,13 @@ class LockManager(Service):
                     await self._rt.listener.listen(channel, self._on_wakeup)
                     continue
                 if newly_wanted:
-                    continue  # a release may have run between our try and our mark
+                    # A release may have run between our try and our mark (try again now), or
+                    # while the mark committed (it could not see it: try again shortly).
+                    late_check = True
+                    continue
+                if late_check:
+                    late_check = False
+                    expires_in = _LATE_CHECK if expires_in is None else min(expires_in, _LATE_CHECK)
                 await self._sleep(wakeup, expires_in, deadline, name)
         finally:
             if wakeup is not None:
@@ -533,9 +544,11 @@ class LockManager(Service):
     async def _release(self, lock: Lock, conn: Connection | None) -> bool:
         q = self._queries
         if conn is not None:
-            cur = await conn.execute(
-                q.unlock, (lock.advisory_key, lock.channel, lock.advisory_key), binary=True
-            )
+            cur = await conn.execute(q.unlock, (lock.advisory_key, lock.advisory_key), binary=True)
+            row = await cur.fetchone()
+            if row and row[2]:  # contended: clear the mark and NOTIFY the waiters
+                await conn.execute(q.wake_waiters, (lock.advisory_key, lock.channel))
+            return bool(row and row[0])
         else:
             async with self._rt.connection() as pooled:
                 cur = await pooled.execute(

@@ -47,12 +47,13 @@ SELECT nextval({seq}), set_config('idle_session_timeout', %s, false),
        EXISTS (SELECT 1 FROM {leases} WHERE lock_key = %s AND wanted)
 """
 
-# Unlock on the session, disarm its lease, then (lock_wake, with a fresh snapshot) wake the
-# waiters that marked the key. One round trip.
+# Unlock on the session, disarm its lease, and say whether a waiter marked the key (then the
+# caller sends wake_waiters). One plain statement: its snapshot predates the unlock, so a mark
+# committed in the microseconds between is missed; the waiter covers that by trying once more
+# shortly after marking (see LockManager._take).
 _UNLOCK = """
-SELECT u.held, {wake}(%s, %s)
-FROM (SELECT pg_advisory_unlock(%s) AS held,
-             set_config('idle_session_timeout', '0', false) OFFSET 0) u
+SELECT pg_advisory_unlock(%s), set_config('idle_session_timeout', '0', false),
+       EXISTS (SELECT 1 FROM {leases} WHERE lock_key = %s AND holder_pid IS NULL AND wanted)
 """
 
 # Sent right after lock_promote in the same pipeline: lets go of the advisory lock only when
@@ -91,6 +92,7 @@ class LockQueries:
     acquire_waiting: bytes
     take_over: bytes
     unlock: bytes
+    wake_waiters: bytes
     extend_session: bytes
     promote: bytes
     unlock_promoted: bytes
@@ -144,7 +146,8 @@ class LockQueries:
                     fn("lock_try")
                 )
             ),
-            unlock=render(_UNLOCK, wake=fn("lock_wake")),
+            unlock=render(_UNLOCK, leases=leases),
+            wake_waiters=render(sql.SQL("SELECT {}(%s, %s)").format(fn("lock_wake"))),
             extend_session=b"SELECT set_config('idle_session_timeout', %s, false)",
             promote=render(
                 sql.SQL("SELECT {}(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)").format(
