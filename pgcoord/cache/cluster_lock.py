@@ -1,4 +1,4 @@
-"""Cluster-wide per-key locks for ``wrap``: session advisory locks on ONE dedicated connection.
+"""Cluster-wide per-key locks for ``wrap``: session advisory locks on ONE borrowed connection.
 
 Why one dedicated connection and only try-locks: a leader holds its key's lock while ``fn`` runs,
 possibly for seconds. Holding a pool connection per computing key would let many cold keys
@@ -8,8 +8,11 @@ because that connection is shared it only ever runs ``pg_try_advisory_lock``/``u
 blocking wait. Waiters in other processes poll with backoff and are woken early by a NOTIFY when
 the leader finishes.
 
-The connection is opened on first use and closed after ``IDLE_CLOSE`` seconds without a held lock,
-so an idle instance keeps its two connections. If it breaks while a key is locked, the lock is
+The connection is borrowed from the work pool on first use (so it counts in the process's one
+connection budget) and given back after ``IDLE_CLOSE`` seconds without a held lock, so an idle
+instance keeps its two connections. With ``max_connections=2`` (one work connection) a leader's
+``fn`` that itself uses the database waits for that connection until the pool's timeout: give
+``wrap`` users a budget of 3 or more. If it breaks while a key is locked, the lock is
 gone with it: another instance may then compute the same key concurrently (single flight is
 best effort across connection loss, never a deadlock).
 """
@@ -28,8 +31,8 @@ from pgcoord.runtime import Runtime
 
 log = logging.getLogger("pgcoord.cache")
 
-#: Seconds without any held lock after which the dedicated connection is closed.
-IDLE_CLOSE = 10.0
+#: Seconds without any held lock after which the connection goes back to the pool.
+IDLE_CLOSE = 1.0
 
 
 class ClusterLocks:
@@ -51,10 +54,10 @@ class ClusterLocks:
             if self._conn is None or self._conn.closed:
                 self._rt.check_running()
                 assert self._rt.dsn is not None
+                if self._conn is not None:
+                    await self._give_back(self._conn)
                 self._held.clear()  # locks of a lost connection are gone with it
-                self._conn = await _driver.connect(
-                    self._rt.dsn, connect_timeout=self._rt.connect_timeout
-                )
+                self._conn = await self._rt.acquire()
             return self._conn
 
     async def try_lock(self, key: int) -> bool:
@@ -119,10 +122,18 @@ class ClusterLocks:
             if only_if_idle and (self._held or self._busy):
                 return
             conn, self._conn = self._conn, None
-            self._held.clear()
+            held, self._held = self._held, set()
             if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+                if held or not only_if_idle:
+                    # Locks may still be held (a failed statement, or stop): closing the session
+                    # is the one sure way to let go of them before the pool sees it again.
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                await self._give_back(conn)
+
+    async def _give_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        with contextlib.suppress(Exception):
+            await self._rt.release(conn)
 
     async def close(self) -> None:
         """Close the connection (releasing every lock); at stop."""

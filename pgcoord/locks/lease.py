@@ -17,7 +17,7 @@ from pgcoord.validation import check_non_negative, check_positive
 
 #: The default lease (seconds). See docs/locks.md: long enough that an ordinary critical section
 #: never needs ``extend``; short enough that a frozen holder blocks others for at most half a
-#: minute. NocoBase uses the same default.
+#: minute. (NocoBase's acquire/runExclusive default to 500 ms; pgcoord deliberately does not.)
 DEFAULT_TTL = 30.0
 
 #: ``idle_session_timeout`` is an int of milliseconds; this is the longest lease it can express.

@@ -146,3 +146,28 @@ async def test_near_cache_is_flushed_after_a_listener_reconnect(
             assert time.monotonic() < deadline, "the listener never reconnected"
             await asyncio.sleep(0.1)
         assert await asyncio.to_thread(_ask, other, {"get": "k"}, "value") == "changed while away"
+
+
+async def test_wrap_stays_within_the_connection_budget(make_coord: CoordFactory, dsn: str) -> None:
+    coord = await make_coord(app="budget", max_connections=3)
+    cache = coord.cache
+    peak = 0
+
+    async def slow(i: int) -> int:
+        await cache.set(f"side-{i}", i)  # fn itself uses the cache while its key is locked
+        await asyncio.sleep(0.3)
+        return i
+
+    async def sample() -> None:
+        nonlocal peak
+        for _ in range(10):
+            peak = max(peak, await asyncio.to_thread(support.client_backends, dsn))
+            await asyncio.sleep(0.05)
+
+    results, _ = await asyncio.gather(
+        asyncio.gather(*(cache.wrap(f"key-{i}", lambda i=i: slow(i)) for i in range(6))),
+        sample(),
+    )
+    assert results == list(range(6))
+    # The wrap locks' connection is one of the work pool's: listener + 2, never a 4th.
+    assert 0 < peak <= 3
