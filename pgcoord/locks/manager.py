@@ -117,6 +117,7 @@ class LockManager(Service):
         # of this process are kept apart here, FIFO.
         self._gates = KeyGates(1, self._orphaned)
         self._advisory_keys: dict[str, int] = {}
+        self._channels: dict[str, str] = {}
         self._held: set[Lock] = set()
         self._sessions: dict[Lock, None] = {}  # held on a session, oldest first
         self._wakeups: dict[str, asyncio.Event] = {}  # channel -> the waiting task's event
@@ -240,7 +241,7 @@ class LockManager(Service):
         self, name: str, advisory_key: int, gate: KeyGate, ttl: float | None, conn: Connection
     ) -> Lock | None:
         """Take the lock from the session the previous local holder handed over (still locked)."""
-        channel = self._rt.channel(SERVICE_TAG, name)
+        channel = self._channel(name)
         sent_at = lease.now()
         epoch = self._epochs.get(conn)
         query = self._queries.take_over if epoch is None else self._queries.take_over_warm
@@ -317,7 +318,7 @@ class LockManager(Service):
     ) -> Lock:
         loop = asyncio.get_running_loop()
         only_try = deadline is not None and deadline <= loop.time()
-        channel = self._rt.channel(SERVICE_TAG, name)
+        channel = self._channel(name)
         ttl_ms = lease.server_ttl_ms(ttl)
         # A single try (timeout 0) still waits for a connection: the budget being in use says
         # nothing about the lock.
@@ -477,6 +478,15 @@ class LockManager(Service):
             await conn.close()
         with contextlib.suppress(Exception):
             await self._rt.release(conn)
+
+    def _channel(self, name: str) -> str:
+        # Hashed like the advisory key, and as hot: cached the same way.
+        channel = self._channels.get(name)
+        if channel is None:
+            if len(self._channels) >= _ADVISORY_CACHE:
+                self._channels.clear()
+            channel = self._channels[name] = self._rt.channel(SERVICE_TAG, name)
+        return channel
 
     def _advisory(self, name: str) -> int:
         # Hot keys are re-taken constantly; the hash is cached (bounded: cleared when full).
