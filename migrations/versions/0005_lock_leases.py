@@ -148,16 +148,20 @@ CREATE FUNCTION {s}.lock_xact(p_key bigint) RETURNS void LANGUAGE plpgsql AS $fn
 DECLARE
     v_pause double precision := 0.001;
 BEGIN
+    -- A transaction with one snapshot cannot see a lease row promoted after it began, so it
+    -- could be granted beside a holder: refuse it (a retryable error) before taking anything.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgcoord xact_lock needs a READ COMMITTED transaction (it must see session locks promoted after the transaction began); this one is %', current_setting('transaction_isolation')
+            USING ERRCODE = 'serialization_failure';
+    END IF;
     -- Excludes other xact locks and session locks still on their advisory lock ...
     PERFORM pg_advisory_xact_lock(p_key);
     -- ... then waits out a promoted lease (new session locks cannot start meanwhile: their
-    -- advisory try fails). Only READ COMMITTED sees the lease end; a transaction with one
-    -- snapshot must fail rather than wait forever.
-    WHILE ({s}.lock_live(p_key)).live LOOP
-        IF current_setting('transaction_isolation') <> 'read committed' THEN
-            RAISE EXCEPTION 'pgcoord lock % is held by a session lock; xact_lock can wait for it only in a READ COMMITTED transaction', p_key
-                USING ERRCODE = 'serialization_failure';
-        END IF;
+    -- advisory try fails). pg_stat_clear_snapshot: the holder's liveness is otherwise read
+    -- from the backend list as it was at the first look, and a dead holder would seem alive.
+    LOOP
+        PERFORM pg_stat_clear_snapshot();
+        EXIT WHEN NOT ({s}.lock_live(p_key)).live;
         PERFORM pg_sleep(v_pause);
         v_pause := least(v_pause * 2, 0.05);
     END LOOP;

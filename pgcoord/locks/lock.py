@@ -44,6 +44,16 @@ PROMOTE_AFTER = 0.05
 _PROMOTE_RETRY = 0.2
 
 
+def _session_alive(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the server still keeps ``conn``'s session (reads only what already arrived)."""
+    pgconn = conn.pgconn
+    try:
+        pgconn.consume_input()
+    except psycopg.Error:
+        return False
+    return not conn.closed and pgconn.status == psycopg.pq.ConnStatus.OK
+
+
 class _Same(enum.Enum):
     SAME = "same"
 
@@ -83,6 +93,7 @@ class Lock:
         "_key",
         "_loop",
         "_manager",
+        "_pending_loss",
         "_promoting",
         "_state",
         "_timer",
@@ -125,6 +136,7 @@ class Lock:
         self._idle: asyncio.Event | None = None  # set when it ends, if another task waits
         self._timer: asyncio.TimerHandle | None = None
         self._promoting: asyncio.Task[None] | None = None
+        self._pending_loss: tuple[str, int] | None = None
         #: Another instance was seen waiting for this key (bounds local hand-overs).
         self.wanted = False
         self._arm()
@@ -216,6 +228,15 @@ class Lock:
         if self._holding() and self._conn is not None and self._promoting is None:
             self._promoting = self._loop.create_task(self._promote_quietly())
 
+    async def promote_soon(self) -> None:
+        """Promote now, in this lock's own task, and wait for it: a cancel of the caller (the
+        manager making room, ``holders()``) cannot cut the promotion short half done."""
+        if not self._holding() or self._conn is None:
+            return
+        if self._promoting is None:
+            self._promoting = self._loop.create_task(self._promote_quietly())
+        await asyncio.shield(self._promoting)
+
     async def _promote_quietly(self) -> None:
         try:
             await self.promote()
@@ -227,7 +248,17 @@ class Lock:
     def on_listener_lost(self) -> None:
         """The process's LISTEN session ended: a lease row naming it is free for anyone now."""
         if self._holding() and self._conn is None:
-            self._lose("the process's LISTEN session, which holds its lease row, ended")
+            self._lose_now_or_after(
+                "the process's LISTEN session, which holds its lease row, ended"
+            )
+
+    def _lose_now_or_after(self, why: str, level: int = logging.WARNING) -> None:
+        # A statement in flight settles the lock's fate first (a second _lose racing its end
+        # would finish the lock twice); the loss is applied when it ends, if still held.
+        if self._busy:
+            self._pending_loss = (why, level)
+        else:
+            self._lose(why, level)
 
     def _lose(self, why: str, level: int = logging.WARNING) -> None:
         """The lease is over: drop the session (which frees the lock if it still held it)."""
@@ -244,7 +275,7 @@ class Lock:
 
     def force_lost(self) -> None:
         """Called by the manager when the Coordinator stops: the lock ends with it."""
-        self._lose("the Coordinator stopped", logging.INFO)
+        self._lose_now_or_after("the Coordinator stopped", logging.INFO)
 
     async def _begin(self) -> None:
         """Start an operation: one statement at a time on this lock."""
@@ -257,6 +288,9 @@ class Lock:
 
     def _end(self) -> None:
         self._busy = False
+        pending, self._pending_loss = self._pending_loss, None
+        if pending is not None:
+            self._lose(*pending)
         idle, self._idle = self._idle, None
         if idle is not None:
             idle.set()
@@ -282,8 +316,15 @@ class Lock:
             if self._expired():
                 self._lose("its ttl passed before it was promoted")
                 return
+            if self._manager._stopped():
+                return  # stop() ends every lock; a row written now would outlive it
             identity = self._manager._holder_identity()
             if identity is None:
+                # No live LISTEN session to name as holder: stay on the session, but make sure
+                # it still exists (reading what the server sent resets no idle timer).
+                if not _session_alive(conn):
+                    self._lose("its session ended while the listener was reconnecting")
+                    return
                 self._timer = self._loop.call_later(_PROMOTE_RETRY, self._start_promotion)
                 return
             (pid, start), generation = identity
@@ -346,12 +387,13 @@ class Lock:
             self._state = _State.RELEASED
             self._disarm()
             conn, self._conn = self._conn, None
+            # Let go while a task of this process queues behind: it waits with the others.
+            # Done before the await below, so a cancel there cannot leak the key's gate.
+            self._manager._lock_done(self, None, reuse=True, yielded=self._gate.has_waiter())
             if conn is not None:
                 # Back before the next acquisition of this task borrows: a busy loop keeps
                 # reusing the same warm connection.
                 await self._manager._give_back(conn)
-            # Let go while a task of this process queues behind: it waits with the others.
-            self._manager._lock_done(self, None, reuse=True, yielded=self._gate.has_waiter())
         finally:
             self._end()
 

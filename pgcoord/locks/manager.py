@@ -18,8 +18,9 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar
@@ -27,7 +28,7 @@ from typing import Any, ClassVar
 import psycopg
 
 from pgcoord import _driver
-from pgcoord.errors import ConnectionFailedError, LockAcquireError, NotRunningError
+from pgcoord.errors import ConnectionFailedError, LockAcquireError, LockLostError, NotRunningError
 from pgcoord.locks import lease
 from pgcoord.locks.keygate import KeyGate, KeyGates
 from pgcoord.locks.lock import Lock
@@ -51,6 +52,9 @@ LOCAL_HANDOFFS = 8
 #: How soon after marking a key a waiter looks once more, for a release whose check of the mark
 #: ran in the instant before the mark committed (it then sent no NOTIFY).
 _LATE_CHECK = 0.02
+
+#: How long a task that the local holder let go past waits for the other instance's turn.
+YIELD_PAUSE = 0.02
 
 #: The baton saying "the previous holder let the lock go to the cluster: queue like the others".
 _YIELDED = object()
@@ -124,6 +128,7 @@ class LockManager(Service):
         # The token epoch each work session saw (see queries._ACQUIRE_WARM).
         self._epochs: weakref.WeakKeyDictionary[Connection, int] = weakref.WeakKeyDictionary()
         self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
         _MANAGERS.add(self)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -141,23 +146,22 @@ class LockManager(Service):
         held = list(self._held)
         for lock in held:
             await lock._stop_promotion()
-        leases = [lock for lock in held if lock.promoted]
         for lock in held:
             lock.force_lost()  # sessions are closed, which frees their advisory locks
-        if leases:
-            # Free the lease rows now rather than leaving the others to wait for the ttl.
-            try:
-                async with self._rt.connection() as conn:
+        # Free this instance's lease rows now rather than leaving the others to wait for the
+        # ttl: all of them, also one a promotion cancelled by the stop had just committed.
+        try:
+            async with self._rt.connection() as conn:
+                cur = await conn.execute(self._queries.release_instance, (self._rt.instance_id,))
+                wanted = [name for name, was_wanted in await cur.fetchall() if was_wanted]
+                if wanted:
                     await conn.execute(
-                        self._queries.release_leases,
-                        (
-                            [lock.advisory_key for lock in leases],
-                            [lock.token for lock in leases],
-                            [lock.channel for lock in leases],
-                        ),
+                        self._queries.notify_many, ([self._channel(n) for n in wanted],)
                     )
-            except Exception:
-                log.warning("pgcoord: could not free %d lease rows at stop", len(leases))
+        except Exception:
+            log.warning("pgcoord: could not free this instance's lease rows at stop")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _check_running(self) -> None:
         if self._stopped():
@@ -324,15 +328,16 @@ class LockManager(Service):
         # nothing about the lock.
         conn_deadline = None if only_try else deadline
         wakeup: asyncio.Event | None = None
-        if queue and not only_try:
-            # The previous local holder let the lock go because another instance waits: wait
-            # for the release's NOTIFY with them instead of racing them to it.
-            wakeup = asyncio.Event()
-            self._wakeups[channel] = wakeup
-            await self._rt.listener.listen(channel, self._on_wakeup)
         retry = Backoff(self._rt.connect_timeout)
         late_check = False
         try:
+            if queue and not only_try:
+                # The previous local holder let the lock go because another instance waits:
+                # give that one its turn (its NOTIFY, then its try) instead of racing it.
+                wakeup = asyncio.Event()
+                self._wakeups[channel] = wakeup
+                await self._rt.listener.listen(channel, self._on_wakeup)
+                await self._sleep(wakeup, YIELD_PAUSE, deadline, name)
             while True:
                 try:
                     lock, expires_in, newly_wanted = await self._attempt(
@@ -376,8 +381,9 @@ class LockManager(Service):
         finally:
             if wakeup is not None:
                 self._wakeups.pop(channel, None)
-                with contextlib.suppress(Exception):
-                    await self._rt.listener.unlisten(channel, self._on_wakeup)
+                # Not awaited: a cancel arriving here must not undo an acquisition that has
+                # already been granted (the Lock would be held with nobody to release it).
+                self._background(self._rt.listener.unlisten(channel, self._on_wakeup))
 
     async def _attempt(
         self,
@@ -459,6 +465,12 @@ class LockManager(Service):
         wakeup.clear()
         self._check_running()
 
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+
     def _on_wakeup(self, channel: str, _payload: str) -> None:
         event = self._wakeups.get(channel)
         if event is not None:
@@ -469,7 +481,7 @@ class LockManager(Service):
         cap = self._session_cap()
         while len(self._sessions) >= cap:
             oldest = next(iter(self._sessions))
-            await oldest.promote()
+            await oldest.promote_soon()
             if oldest in self._sessions:
                 break  # could not promote now (listener down): wait for a connection instead
 
@@ -532,7 +544,9 @@ class LockManager(Service):
             pid,
             start,
             lease.server_ttl_ms(lock.ttl),
-            None if left is None else max(0, int(left * 1000.0)),  # rounded down: never longer
+            # Rounded up: the server evaluates expires_at after the client computed `left`, so
+            # the server's lease still ends no earlier than the client's deadline.
+            None if left is None else max(0, math.ceil(left * 1000.0)),
             max(0.0, lease.now() - lock._acquired),
         )
         # Two statements in one round trip: the lease row commits, then the advisory lock goes.
@@ -542,9 +556,14 @@ class LockManager(Service):
         async with conn.pipeline() as pipeline:
             cur = await conn.execute(q.promote, params)
             await pipeline.sync()
-            await conn.execute(q.unlock_promoted, (lock.advisory_key, lock.token))
+            unlocked = await conn.execute(q.unlock_promoted, (lock.advisory_key, lock.token))
         row = await cur.fetchone()
-        return bool(row and row[0])
+        promoted = bool(row and row[0])
+        if promoted and await unlocked.fetchone() is None:
+            # The row vanished between the two statements: the session may still hold the
+            # key; raising makes the caller close it rather than pool it.
+            raise LockLostError(f"the lease row of {lock.key!r} vanished while it was promoted")
+        return promoted
 
     def _promoted(self, lock: Lock, conn: Connection) -> None:
         self._sessions.pop(lock, None)
@@ -637,7 +656,7 @@ class LockManager(Service):
         for manager in list(_MANAGERS):
             if manager._same_server(self):
                 for lock in list(manager._sessions):
-                    await lock.promote()
+                    await lock.promote_soon()
         async with self._rt.connection() as conn:
             cur = await conn.execute(self._queries.holders, (self._rt.app,))
             rows = await cur.fetchall()

@@ -97,8 +97,9 @@ class LockQueries:
     promote: bytes
     unlock_promoted: bytes
     release_lease: bytes
-    release_leases: bytes
     extend_lease: bytes
+    release_instance: bytes
+    notify_many: bytes
     holders: bytes
     xact_lock: str  # runs on the caller's connection or session (pgcoord.transaction)
 
@@ -156,13 +157,11 @@ class LockQueries:
             ),
             unlock_promoted=render(_UNLOCK_PROMOTED, leases=leases),
             release_lease=render(sql.SQL("SELECT {}(%s, %s, %s)").format(fn("lock_release"))),
-            release_leases=render(
-                sql.SQL(
-                    "SELECT {}(x.k, x.t, x.c)"
-                    " FROM unnest(%s::bigint[], %s::bigint[], %s::text[]) AS x(k, t, c)"
-                ).format(fn("lock_release"))
-            ),
             extend_lease=render(_EXTEND_LEASE, leases=leases),
+            release_instance=render(
+                "DELETE FROM {leases} WHERE instance_id = %s RETURNING name, wanted", leases=leases
+            ),
+            notify_many=b"SELECT pg_notify(c, '') FROM unnest(%s::text[]) AS c",
             holders=render(_HOLDERS, leases=leases, alive=fn("lock_alive")),
             xact_lock=sql.SQL("SELECT {}(%s)").format(fn("lock_xact")).as_string(None),
         )
