@@ -20,7 +20,8 @@ APP = "locktest"
 
 
 async def two(make_coord: CoordFactory, **options: Any) -> tuple[pgcoord.Coordinator, ...]:
-    """Two instances of the same app (separate pools and lock connections, like two hosts)."""
+    """Two instances of the same app in this process (they share its listener and pool, as
+    Coordinators of one process do; tests that need two holder identities use two DSNs)."""
     return (await make_coord(app=APP, **options), await make_coord(app=APP, **options))
 
 
