@@ -86,6 +86,7 @@ class Worker:
         #: Sets ``wake`` when the earliest job known to come due does (see :meth:`wake_in`).
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._wakers: set[asyncio.Task[None]] = set()  # retries waiting for their outcome
         self._executor: ThreadPoolExecutor | None = None
         #: What queue_waiters says about us: True may sleep (wants NOTIFYs), False busy
         #: claiming back-to-back, None not registered (yet, or the write failed).
@@ -117,6 +118,11 @@ class Worker:
         self._timer_at = when
         self._timer = loop.call_at(when, self._on_timer)
 
+    async def _wake_after_written(self, delay: float) -> None:
+        with contextlib.suppress(Exception):
+            await self.queue._outcomes.drain()
+            self.wake_in(delay)
+
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = float("inf")
@@ -142,6 +148,8 @@ class Worker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, float("inf")
+        for waker in list(self._wakers):
+            waker.cancel()
         if self._task is not None:
             # Not cancelled: a claim in flight must come back, so its jobs are run or released.
             with contextlib.suppress(Exception):
@@ -410,8 +418,13 @@ class Worker:
             log.info("pgcoord job %s failed (%s); retry %s", job.id, summary, retried + 1)
             delay = retry_delay(retried)
             queue._outcomes.retry(job.id, attempt, delay)
-            # The retry comes due while we may be asleep: no NOTIFY announces it.
+            # The retry comes due while we may be asleep: no NOTIFY announces it. The server
+            # counts its delay from when the outcome writer commits it, which may be later than
+            # now under load: wake then too (a wake before it would find the job still leased).
             self.wake_in(delay)
+            waker = asyncio.get_running_loop().create_task(self._wake_after_written(delay))
+            self._wakers.add(waker)
+            waker.add_done_callback(self._wakers.discard)
         else:
             log.warning(
                 "pgcoord job %s failed for good after %s tries: %s", job.id, retried + 1, summary

@@ -125,6 +125,38 @@ async def test_a_retry_runs_after_its_backoff_without_polling(make_coord: CoordF
     assert tries[1][1] - tries[0][1] >= 0.4
 
 
+async def test_a_retry_written_late_still_runs_soon_after_it_is_written(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    # Under load the outcome writer may commit the retry after its backoff has passed; a wake-up
+    # counted from the failure alone would then find the job still leased and sleep until the
+    # lease ends (15 s here). The row lock below holds the writer back for 2 s.
+    coord = await make_coord(queue_idle_poll=NEVER)
+    eq = coord.event_queue
+    tries: list[float] = []
+    failing = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        tries.append(time.monotonic())
+        if ctx.retried == 0:
+            failing.set()
+            await go_on.wait()
+            raise RuntimeError("first try fails")
+
+    await eq.subscribe("late", process=process, interval=NEVER)
+    job = await eq.publish("late", "x", max_retries=1, timeout=15.0)
+    await asyncio.wait_for(failing.wait(), 10)
+    async with await psycopg.AsyncConnection.connect(dsn) as blocker:
+        await blocker.execute("SELECT 1 FROM pgcoord.queue_jobs WHERE id = %s FOR UPDATE", (job,))
+        go_on.set()
+        await asyncio.sleep(2.0)  # past the 0.5 s backoff, the retry still unwritten
+        written = time.monotonic()
+        await blocker.commit()
+    await _until(lambda: len(tries) == 2, timeout=10.0)
+    assert tries[1] - written < 5.0, "the retry waited for the lease instead of its backoff"
+
+
 async def test_a_killed_workers_job_is_rescued_after_its_lease_by_an_idle_worker(
     make_coord: CoordFactory, dsn: str
 ) -> None:
