@@ -412,13 +412,13 @@ class EventQueue(Service):
             if rows and rows[0][1]:
                 self._request_notify(pg_channel, state, 0.0)
             return [r[0] for r in rows]
-        if state.inside_transaction(time.monotonic()):
-            params["pg_channel"] = pg_channel
-            rows = await txn.execute(transaction, with_notify, params)
-        else:
-            rows = await txn.execute(transaction, plain, params)
-            if rows and rows[0][1]:
-                self._request_notify(pg_channel, state, self._txn_window)
+        # The NOTIFY always rides inside the caller's transaction (the statement sends it only
+        # when a worker may be asleep, so busy queues pay nothing): one sent from outside can
+        # arrive before the caller commits, the sleeper then finds nothing, and with no idle
+        # poll the job would wait for the safety net. A rolled-back transaction's NOTIFY is
+        # dropped with it, so it must not count as a recent one either.
+        params["pg_channel"] = pg_channel
+        rows = await txn.execute(transaction, with_notify, params)
         return [r[0] for r in rows]
 
     # -- wake-ups --------------------------------------------------------------------------
