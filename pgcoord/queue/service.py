@@ -74,7 +74,7 @@ class EventQueue(Service):
         # Idle workers do not poll: NOTIFYs and the due times their claims return wake them.
         # This only bounds how late a job is found whose wake-up nobody could send (see
         # docs/queue.md, "Waking up").
-        "queue_idle_poll": 30.0,
+        "queue_idle_poll": 5.0,
     }
 
     def __init__(self, runtime: Runtime) -> None:
