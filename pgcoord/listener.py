@@ -67,6 +67,7 @@ class Listener:
         self._hooks: list[ReconnectHook] = []
         self._lost_hooks: list[LostHook] = []
         self._identity: tuple[int, datetime.datetime] | None = None
+        self._version: int | None = None
         #: Incremented each time a new connection is established.
         self.generation = 0
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -98,6 +99,7 @@ class Listener:
             raise
         assert row is not None
         self._identity = (conn.info.backend_pid, row[3])
+        self._version = conn.info.server_version
         self.generation += 1
         return conn
 
@@ -167,8 +169,11 @@ class Listener:
 
     @property
     def server_version(self) -> int | None:
-        """The server's version number (e.g. 150004), known once connected."""
-        return self._conn.info.server_version if self._conn is not None else None
+        """The server's version number (e.g. 150004), known once connected; while reconnecting,
+        the last one seen (a Coordinator joining a shared listener mid-reconnect needs it)."""
+        if self._conn is not None:
+            self._version = self._conn.info.server_version
+        return self._version
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the listener is connected and listening (raises TimeoutError)."""
