@@ -13,7 +13,7 @@ import pytest
 import pgcoord
 from pgcoord.locks import lease
 from tests.conftest import CoordFactory
-from tests.support import terminate_backend
+from tests.support import client_backends, terminate_backend
 from tests.support import wait_until as wait_for
 
 APP = "locktest"
@@ -401,17 +401,6 @@ async def test_a_fresh_lock_lends_its_connection_back_after_a_moment(
     await lock.release()
     await a.lock_manager.run_exclusive("k", lambda: None)
     assert a.lock_manager.connection_stats()["open"] == 0
-
-
-def client_backends(dsn: str) -> int:
-    """Client connections to the test database right now (not counting this one)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def test_cancelled_waiter_leaves_nothing_behind(make_coord: CoordFactory) -> None:

@@ -93,17 +93,6 @@ class HoldingProxy:
                 dst.close()
 
 
-def lock_sessions(dsn: str) -> int:
-    """How many lock connections (of any instance) the test database has right now."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE application_name = 'pgcoord-lock' AND datname = current_database()"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 async def test_stop_while_an_acquisition_waits_for_a_connection_leaves_nothing_behind(
     make_coord: CoordFactory, dsn: str
 ) -> None:
