@@ -3,7 +3,8 @@
 All systems run in this one process against the same server, each in a fresh database.
 
 1. Drain N pre-enqueued no-op jobs with each system's own worker (pgcoord, pgqueuer-asyncpg,
-   pgqueuer-psycopg; procrastinate gets fewer jobs by default: it is ~40x slower).
+   pgqueuer-psycopg; procrastinate gets fewer jobs by default: it is ~40x slower), and pgcoord
+   again with ``queue_synchronous_commit="on"``.
 2. The raw primitive: ``DELETE ... WHERE id IN (SELECT ... LIMIT 50 FOR UPDATE SKIP LOCKED)``.
 3. Continuous enqueue + process for ``--seconds`` (two producer tasks publish batches of 50
    while the system's worker runs; jobs/s processed within the window, for every system).
@@ -541,6 +542,16 @@ async def run(ctx: BenchContext) -> None:
     dsn = ctx.fresh_database()
     async with pgcoord.Coordinator(dsn) as coord:
         ours = await _pgcoord_drain(coord, "drain", DRAIN)
+    async with pgcoord.Coordinator(ctx.fresh_database(), queue_synchronous_commit="on") as coord:
+        durable = await _pgcoord_drain(coord, "drain", DRAIN)
+    ctx.row(
+        "drain no-op jobs, queue_synchronous_commit='on'",
+        durable,
+        "jobs/s",
+        baseline="the default, 'off'",
+        baseline_value=ours,
+        note="claims and outcomes wait for the WAL flush (and a synchronous standby, if any)",
+    )
     raw = await _raw_claim_delete(ctx.fresh_database(migrate=False), DRAIN * 2)
     peers: dict[str, float] = {}
     if PEERS:

@@ -10,14 +10,17 @@ import asyncio
 import contextlib
 import logging
 import random
+import select
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import psycopg
 import psycopg.conninfo
+from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from pgcoord._deadline import Connection
 from pgcoord.errors import ConnectionFailedError, DatabaseError, PgcoordError
 
 log = logging.getLogger("pgcoord")
@@ -90,6 +93,25 @@ def is_refusal(exc: BaseException) -> bool:
     return False
 
 
+def went_away(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle connection was closed by the server (or the network) while unused.
+
+    Nothing arrives on an idle, healthy work connection unless asked for (they never LISTEN),
+    so a readable socket means the server said goodbye: a FATAL message or end-of-file. The
+    rare harmless exception (a parameter report after a reload) costs only a reconnect. One
+    non-blocking poll, no round trip; the caller closes a connection this condemns.
+    """
+    pgconn = conn.pgconn
+    if pgconn.status != ConnStatus.OK:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(pgconn.socket, select.POLLIN)
+        return bool(poller.poll(0))
+    except (psycopg.OperationalError, OSError, ValueError):
+        return True
+
+
 def describe_server(dsn: str) -> str:
     """A human label for the server a DSN points at (``host:port/dbname``), without the password."""
     try:
@@ -111,11 +133,14 @@ def connect_kwargs(connect_timeout: float) -> dict[str, Any]:
     return {"connect_timeout": max(2, round(connect_timeout)), **_KEEPALIVE}
 
 
-def translate(exc: BaseException, dsn: str | None = None) -> PgcoordError:
-    """Turn a psycopg/pool error into the matching :class:`PgcoordError`."""
+def translate(exc: BaseException, dsn: str | None = None, what: str = "") -> PgcoordError:
+    """Turn a psycopg/pool error into the matching :class:`PgcoordError`; its message names
+    the operation (``what``), the server and the cause."""
     if isinstance(exc, PgcoordError):
         return exc
     where = f" ({describe_server(dsn)})" if dsn else ""
+    if what:
+        where = f"{where} during {what}"
     if isinstance(exc, PoolTimeout):
         return ConnectionFailedError(
             f"no database connection became available in time{where}: the server is unreachable "
@@ -149,7 +174,9 @@ def translated(dsn: str | None = None) -> Iterator[None]:
         raise translate(exc, dsn) from exc
 
 
-async def patiently(attempt: Callable[[], Awaitable[T]], *, timeout: float) -> T:
+async def patiently(
+    attempt: Callable[[], Awaitable[T]], *, timeout: float, server: str = "the server"
+) -> T:
     """``await attempt()``, again with jittered backoff while the server refuses connections
     for lack of slots (:func:`is_refusal`), until ``timeout`` seconds have passed.
 
@@ -165,7 +192,7 @@ async def patiently(attempt: Callable[[], Awaitable[T]], *, timeout: float) -> T
             delay = backoff.next()
             if not is_refusal(exc) or time.monotonic() + delay >= deadline:
                 raise
-            log.info("pgcoord: the server refused a connection (%s); retrying", exc)
+            log.info("pgcoord: %s refused a connection (%s); retrying", server, exc)
         await asyncio.sleep(delay)
 
 
@@ -177,16 +204,34 @@ async def connect(
     deadline = time.monotonic() + connect_timeout
 
     def attempt() -> Awaitable[psycopg.AsyncConnection[Any]]:
-        return psycopg.AsyncConnection.connect(
+        return Connection.connect(
             dsn, autocommit=autocommit, **connect_kwargs(deadline - time.monotonic())
         )
 
     try:
-        return await patiently(attempt, timeout=connect_timeout)
+        return await patiently(attempt, timeout=connect_timeout, server=describe_server(dsn))
     except psycopg.Error as exc:
         raise ConnectionFailedError(
             f"cannot connect to PostgreSQL at {describe_server(dsn)} within {connect_timeout:g} s: {exc}"
         ) from exc
+
+
+#: Seconds one reconnect attempt chain of the pool lasts before it starts over (failover).
+#: psycopg_pool waits 1 s, then doubles each pause up to its ``reconnect_timeout`` and never
+#: resets while a server is down: with its usual 60 s, work resumed up to 10 s after a standby
+#: was promoted. Chains this short never pause more than ~1.1 s, and a chain that ends is
+#: started again at once (:func:`_reconnect_again`), so the pool finds a server within ~1 s of
+#: its answering again, as the listener does.
+RECONNECT_HORIZON = 2.0
+
+
+async def _reconnect_again(pool: AsyncConnectionPool) -> None:
+    # Called by psycopg_pool when a chain ended in failure. While connections of the pool work
+    # or other chains still run, there is nothing to do (a refused growth, say); when none is
+    # left, check() starts a new chain: public API, and it has nothing else to check then.
+    stats = pool.get_stats()
+    if stats.get("pool_size", 0) < stats.get("pool_min", 1) and not pool.closed:
+        await pool.check()
 
 
 def make_pool(dsn: str, *, max_size: int, connect_timeout: float, name: str) -> AsyncConnectionPool:
@@ -197,7 +242,8 @@ def make_pool(dsn: str, *, max_size: int, connect_timeout: float, name: str) -> 
     psycopg_pool queues borrowers FIFO when all ``max_size`` connections are out, and a refused
     attempt to grow (or to open the first connection) is retried by the pool with jittered
     backoff while the connections it has keep serving: a full server never fails a caller
-    that an existing connection can serve within its timeout.
+    that an existing connection can serve within its timeout. Reconnecting never pauses for
+    more than about a second (:data:`RECONNECT_HORIZON`).
     """
     return AsyncConnectionPool(
         dsn,
@@ -205,8 +251,10 @@ def make_pool(dsn: str, *, max_size: int, connect_timeout: float, name: str) -> 
         max_size=max(1, max_size),
         max_idle=MAX_IDLE,
         timeout=connect_timeout,
-        reconnect_timeout=60.0,
+        reconnect_timeout=RECONNECT_HORIZON,
+        reconnect_failed=_reconnect_again,
         kwargs={"autocommit": True, **connect_kwargs(connect_timeout)},
+        connection_class=Connection,
         open=False,
         name=name,
         # No per-borrow `check`: it would cost a round trip on every operation. A connection

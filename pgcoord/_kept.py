@@ -23,6 +23,8 @@ from typing import Any
 import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 
+from pgcoord._driver import went_away
+
 Conn = psycopg.AsyncConnection[Any]
 
 #: How many connections a process keeps out of the pool at most.
@@ -59,9 +61,10 @@ class KeptConnections:
         """The most recently kept healthy connection, or None (then borrow)."""
         while self._stack:
             conn, _ = self._stack.pop()
-            if conn.pgconn.status == ConnStatus.OK:
+            if not went_away(conn):
                 return conn
-            self._give_back_later(conn)  # broken while kept: the source discards it
+            # Broken while kept: closed first, so that the source discards it.
+            self._give_back_later(conn, close=True)
         return None
 
     def keep(self, conn: Conn) -> bool:
@@ -93,14 +96,16 @@ class KeptConnections:
             wait = self._hold - (now - self._stack[0][1])
             self._reaper = asyncio.get_running_loop().call_later(wait, self._reap)
 
-    def _give_back_later(self, conn: Conn) -> None:
-        task = asyncio.get_running_loop().create_task(self._put(conn))
+    def _give_back_later(self, conn: Conn, *, close: bool = False) -> None:
+        task = asyncio.get_running_loop().create_task(self._put(conn, close=close))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _put(self, conn: Conn) -> None:
+    async def _put(self, conn: Conn, *, close: bool = False) -> None:
         # The source checks the connection and discards it if broken; a closed one closes it.
         with contextlib.suppress(Exception):
+            if close:
+                await conn.close()
             await self._give_back(conn)
 
     async def close(self) -> None:

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 SUPPORTED_DRIVER = "postgresql+psycopg"
 
 
+#: Seconds ``close()`` waits for each of the pool's background workers.
+CLOSE_TIMEOUT = 0.5
+
+
 class WorkSource:
     """Lends autocommit connections and takes them back; see the module docstring."""
 
@@ -43,11 +47,21 @@ class WorkSource:
         """How many connections this source lends pgcoord at once at most."""
         raise NotImplementedError
 
-    async def acquire(self) -> Conn:
-        """An autocommit connection (a kept warm one when there is)."""
+    async def acquire(self, timeout: float | None = None) -> Conn:
+        """An autocommit connection (a kept warm one when there is), waiting for one at most
+        ``timeout`` seconds (default: the source's own timeout)."""
         conn = self._kept.take()
         if conn is None:
-            conn = await self._borrow()
+            conn = await self._borrow(timeout)
+            # A pooled connection the server closed while it sat idle (a restart, a
+            # terminate) is found here, before anything is sent on it: callers then never
+            # need to retry an operation that may already have happened.
+            for _ in range(self.capacity):
+                if not _driver.went_away(conn):
+                    break
+                await conn.close()
+                await self._return(conn)  # the source discards a closed connection
+                conn = await self._borrow(timeout)
             if not conn.autocommit:
                 try:
                     await conn.set_autocommit(True)
@@ -75,7 +89,7 @@ class WorkSource:
                     await conn.set_autocommit(False)
         await self._return(conn)
 
-    async def _borrow(self) -> Conn:
+    async def _borrow(self, timeout: float | None) -> Conn:
         raise NotImplementedError
 
     async def _return(self, conn: Conn) -> None:
@@ -102,11 +116,13 @@ class PoolSource(WorkSource):
         """Give kept connections back, then close the pool if pgcoord made it."""
         await super().close()
         if self._owned:
-            await self.pool.close()
+            # Its background workers may be stuck connecting over a stalled path: abandon
+            # them rather than hold stop() up (psycopg_pool would wait 5 s for each).
+            await self.pool.close(timeout=CLOSE_TIMEOUT)
 
-    async def _borrow(self) -> Conn:
+    async def _borrow(self, timeout: float | None) -> Conn:
         try:
-            return await self.pool.getconn()
+            return await self.pool.getconn(timeout)
         except (psycopg.Error, PoolTimeout) as exc:
             raise _driver.translate(exc, self.dsn) from exc
 
@@ -142,15 +158,16 @@ class EngineSource(WorkSource):
         """At most this many of the engine's connections are lent to pgcoord at once."""
         return self._limit
 
-    async def _borrow(self) -> Conn:
+    async def _borrow(self, timeout: float | None) -> Conn:
         import sqlalchemy.exc
 
+        timeout = self._timeout if timeout is None else min(timeout, self._timeout)
         self._queued += 1
         try:
-            await asyncio.wait_for(self._slots.acquire(), self._timeout)
+            await asyncio.wait_for(self._slots.acquire(), timeout)
         except TimeoutError:
             raise ConnectionFailedError(
-                f"no connection of the engine= pool became available within {self._timeout:g} s"
+                f"no connection of the engine= pool became available within {timeout:g} s"
                 f" ({_driver.describe_server(self.dsn)}): pgcoord may hold {self._limit} of them"
                 " at once (raise max_connections) and the engine's pool must have room for them"
             ) from None

@@ -13,7 +13,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from pgcoord import _driver, _shared
+from pgcoord import _deadline, _driver, _pooler, _shared
 from pgcoord import migrate as migrations
 from pgcoord._sources import EngineSource, PoolSource, WorkSource, engine_dsn
 from pgcoord.cache import CacheManager
@@ -81,7 +81,11 @@ class Coordinator:
     ``dsn`` or else the engine's URL. Both are left open at stop. ``connect_timeout`` bounds
     every connection attempt (a server refusing for lack of slots is retried within it),
     ``heartbeat`` is how often a quiet listener proves its connection (the first Coordinator
-    of a shared listener sets both for it). Service options (``**options``) are listed by
+    of a shared listener sets both for it). ``command_timeout`` (default 10 s) bounds each
+    database step of a call that has no ``timeout=`` of its own, the wait for a connection
+    included: past it the statement's connection is closed and
+    :class:`~pgcoord.errors.CommandTimeoutError` raised (see docs/operations.md, "Bounded
+    calls"). Service options (``**options``) are listed by
     ``Coordinator.option_defaults()``.
     """
 
@@ -98,6 +102,7 @@ class Coordinator:
         pool_size: int | None = None,
         connect_timeout: float = _driver.DEFAULT_CONNECT_TIMEOUT,
         heartbeat: float = 5.0,
+        command_timeout: float = _deadline.DEFAULT_COMMAND_TIMEOUT,
         **options: Any,
     ) -> None:
         if dsn is not None and not isinstance(dsn, str):
@@ -127,6 +132,7 @@ class Coordinator:
             )
         check_positive(connect_timeout, "connect_timeout")
         check_positive(heartbeat, "heartbeat")
+        check_positive(command_timeout, "command_timeout")
         defaults = self.option_defaults()
         unknown = sorted(set(options) - set(defaults))
         if unknown:
@@ -146,12 +152,15 @@ class Coordinator:
         self._holds_listener = False
         self._holds_pool = False
         self._source_open = False
+        # Whether this start() got as far as starting services (only then are they stopped).
+        self._services_started = False
         self._rt = Runtime(
             app=app,
             schema=schema,
             instance_id=new_instance_id(),
             options=options,
             connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
         )
         self.lock_manager = LockManager(self._rt)
         self.cache_manager = CacheManager(self._rt)
@@ -262,7 +271,9 @@ class Coordinator:
         rt._source = await self._open_source(link, dsn)
         self._source_open = True
         rt.running = True
+        await _pooler.refuse_transaction_pooling(rt)
         await self._check_schema(dsn)
+        self._services_started = True
         for service in self._services:
             view.add_reconnect_hook(service._on_reconnect)
         for service in self._services:
@@ -290,7 +301,7 @@ class Coordinator:
     async def _check_schema(self, dsn: str) -> None:
         rt = self._rt
         if self._migrate:
-            async with rt.connection() as conn:
+            async with rt.connection("start: schema check") as conn:
                 current = await migrations.current_revision(conn, rt.schema)
             # At head already (the usual restart, or a second app in this process): no
             # migration connection beyond the budget is opened at all.
@@ -301,14 +312,16 @@ class Coordinator:
                     ),
                     timeout=rt.connect_timeout,
                 )
-        async with rt.connection() as conn:
+        async with rt.connection("start: schema check") as conn:
             await migrations.check(conn, rt.schema)
 
     async def stop(self) -> None:
         """Stop the services (queue first, so running jobs finish), then let go of the listener
         and the pool (closed when no other Coordinator of this process uses them).
 
-        Idempotent; leaves no task or connection behind.
+        Idempotent; leaves no task or connection behind. Ends within ``queue_grace`` (running
+        jobs) plus ``command_timeout`` (every database step left) plus about a second (closing
+        the connections), however the network behaves.
         """
         async with self._start_lock:
             if not self._started:
@@ -318,7 +331,21 @@ class Coordinator:
 
     async def _teardown(self) -> None:
         rt = self._rt
-        if self._source_open:
+        # Every database step left (freeing lease rows, the queue's waiter row, ...) shares
+        # one command_timeout after the running jobs' grace, so a stop over a stalled network
+        # ends within queue_grace + command_timeout.
+        grace = float(self.event_queue.option("queue_grace"))
+        rt.stop_deadline = asyncio.get_running_loop().time() + grace + rt.command_timeout
+        if rt._listener is not None:
+            rt._listener.stopping = True
+        try:
+            await self._stop_all(rt)
+        finally:
+            rt.stop_deadline = None
+
+    async def _stop_all(self, rt: Runtime) -> None:
+        if self._source_open and self._services_started:
+            self._services_started = False
             for service in reversed(self._services):
                 try:
                     await service._stop()
@@ -326,7 +353,9 @@ class Coordinator:
                     log.exception("pgcoord: stopping %s failed", type(service).__name__)
         rt.running = False
         if rt._listener is not None:
-            await rt._listener.detach()
+            assert rt.stop_deadline is not None
+            left = rt.stop_deadline - asyncio.get_running_loop().time()
+            await rt._listener.detach(max(0.0, left))
             rt._listener = None
         link, self._link = self._link, None
         # rt._source stays: a connection still out comes back to where it came from.

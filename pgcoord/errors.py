@@ -27,6 +27,12 @@ class ConnectionFailedError(PgcoordError, ConnectionError):
     """PostgreSQL could not be reached, or the connection broke in the middle of an operation."""
 
 
+class CommandTimeoutError(ConnectionFailedError, TimeoutError):
+    """A database step did not finish within its bound (``command_timeout``, or the call's own
+    ``timeout=``). The connection it ran on was closed: a statement already sent may or may not
+    have taken effect (see docs/operations.md, "Bounded calls")."""
+
+
 class DatabaseError(PgcoordError):
     """PostgreSQL refused an operation; ``sqlstate`` carries the server's error code."""
 
@@ -45,6 +51,13 @@ class NotRunningError(PgcoordError):
 
 class UnsupportedServerError(PgcoordError):
     """The PostgreSQL server is older than pgcoord supports (15)."""
+
+
+class TransactionPoolingError(PgcoordError):
+    """``start()`` found a connection pooler between pgcoord and PostgreSQL that hands server
+    sessions from client to client between transactions (PgBouncer ``pool_mode = transaction``
+    or ``statement``): LISTEN, session locks and prepared statements cannot work through it.
+    Connect pgcoord directly, or through a pool in session mode."""
 
 
 class EmbeddedServerError(PgcoordError):
@@ -77,6 +90,7 @@ class JobNotFoundError(JobError, KeyError):
 
 __all__ = [
     "CacheNotFoundError",
+    "CommandTimeoutError",
     "ConnectionFailedError",
     "DatabaseError",
     "EmbeddedServerError",
@@ -91,5 +105,6 @@ __all__ = [
     "PayloadTooLargeError",
     "PgcoordError",
     "SchemaOutdatedError",
+    "TransactionPoolingError",
     "UnsupportedServerError",
 ]

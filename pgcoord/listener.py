@@ -25,7 +25,8 @@ import psycopg
 from psycopg import sql
 
 from pgcoord import _driver
-from pgcoord.errors import ConnectionFailedError
+from pgcoord._deadline import Bounded
+from pgcoord.errors import ConnectionFailedError, PgcoordError
 
 log = logging.getLogger("pgcoord.listener")
 
@@ -38,16 +39,31 @@ LostHook = Callable[[], None]
 
 # The LISTEN session names this process as the holder of its lease rows (locks), so nothing
 # may end it but the process: database or role defaults that would are turned off, and the
-# session's start is read to tell it from a later session that reuses its pid.
+# session's start is read to tell it from a later session that reuses its pid. The pid is
+# read too: behind a pooler (PgBouncer) the one in the connection's BackendKeyData is the
+# pooler's own cancel key, not a server process.
 _SETUP = (
     "SELECT set_config('idle_session_timeout', '0', false),"
     " set_config('statement_timeout', '0', false),"
     " set_config('idle_in_transaction_session_timeout', '0', false),"
-    " (SELECT backend_start FROM pg_stat_get_activity(pg_backend_pid()))"
+    " (SELECT backend_start FROM pg_stat_get_activity(pg_backend_pid())),"
+    " pg_backend_pid()"
+)
+
+_SETUP_WHAT = (
+    "the listener connection's first statement (a pooler such as PgBouncer queues it until "
+    "one of its server connections is free: is its pool full?)"
 )
 
 _BACKOFF_FIRST = 0.05
-_BACKOFF_MAX = 5.0
+# At most ~1 s between attempts: after a failover the promoted server answers within a second
+# of this, and a refused attempt costs the server one short-lived backend.
+_BACKOFF_MAX = 1.0
+
+#: Seconds the heartbeat ping may take before the connection is declared lost: a quiet
+#: listener whose path stalls is known lost at most ``heartbeat + PING_TIMEOUT`` after the
+#: last thing it received.
+PING_TIMEOUT = 2.0
 
 
 class Listener:
@@ -80,6 +96,9 @@ class Listener:
         self._last_rx = time.monotonic()
         #: How many times the connection was re-established after a loss.
         self.reconnects = 0
+        #: True when the login's BackendKeyData pid is not the server process's: something
+        #: in between (a pooler such as PgBouncer) answered the login (see pgcoord._pooler).
+        self.behind_pooler = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -89,16 +108,22 @@ class Listener:
             self._conn = await self._open()
 
     async def _open(self) -> psycopg.AsyncConnection[Any]:
+        deadline = asyncio.get_running_loop().time() + self._connect_timeout
         conn = await _driver.connect(self._dsn, connect_timeout=self._connect_timeout)
         try:
-            with _driver.translated(self._dsn):
-                cur = await conn.execute(_SETUP)
-                row = await cur.fetchone()
+            # Bounded by the same connect timeout: a pooler (PgBouncer) completes the login
+            # itself and holds the first statement until a server connection is free, up to
+            # its query_wait_timeout (120 s by default) when its pool is full.
+            async with Bounded(conn, deadline, _SETUP_WHAT, self._dsn):
+                with _driver.translated(self._dsn):
+                    cur = await conn.execute(_SETUP)
+                    row = await cur.fetchone()
         except BaseException:
             await conn.close()
             raise
         assert row is not None
-        self._identity = (conn.info.backend_pid, row[3])
+        self._identity = (row[4], row[3])
+        self.behind_pooler = conn.info.backend_pid != row[4]
         self._version = conn.info.server_version
         self.generation += 1
         return conn
@@ -139,11 +164,8 @@ class Listener:
     @property
     def backend_pid(self) -> int | None:
         """The server process id of the LISTEN connection (None while disconnected)."""
-        return (
-            self._conn.info.backend_pid
-            if self._conn is not None and not self._conn.closed
-            else None
-        )
+        identity = self.identity
+        return identity[0] if identity is not None else None
 
     @property
     def channels(self) -> frozenset[str]:
@@ -205,15 +227,22 @@ class Listener:
         """Stop calling ``callback`` for ``channel``; UNLISTEN when no callback is left."""
         await self.unlisten_many([(channel, callback)])
 
-    async def unlisten_many(self, pairs: Iterable[tuple[str, NotifyCallback]]) -> None:
-        """:meth:`unlisten` for each ``(channel, callback)``, in one round trip."""
+    async def unlisten_many(
+        self, pairs: Iterable[tuple[str, NotifyCallback]], *, wait: bool = True
+    ) -> None:
+        """:meth:`unlisten` for each ``(channel, callback)``, in one round trip. The callbacks
+        are not called again once this starts; ``wait=False`` does not wait for the UNLISTEN
+        itself (a Coordinator stopping must not wait on a stalled listener)."""
         for channel, callback in pairs:
             callbacks = self._callbacks.get(channel)
             if callbacks and callback in callbacks:
                 callbacks.remove(callback)
                 if not callbacks:
                     del self._callbacks[channel]
-        await self._sync()
+        if wait:
+            await self._sync()
+        else:
+            self._wake.set()
 
     async def _sync(self) -> None:
         if self._task is None or not self.connected or set(self._callbacks) == self._active:
@@ -244,20 +273,27 @@ class Listener:
                     await self._apply_channels(self._conn)
                     self._connected.set()
                     self.reconnects += 1
-                    log.warning("pgcoord listener reconnected (backend pid %s)", self.backend_pid)
+                    log.warning(
+                        "pgcoord listener reconnected to %s (backend pid %s)",
+                        _driver.describe_server(self._dsn),
+                        self.backend_pid,
+                    )
                     self._run_hooks()
                 backoff.reset()
                 delay = 0.0
                 await self._serve(self._conn)
             except asyncio.CancelledError:
                 raise
-            except (psycopg.Error, ConnectionFailedError, OSError, TimeoutError) as exc:
+            except (psycopg.Error, PgcoordError, OSError, TimeoutError) as exc:
                 self._connected.clear()
                 # A waiter must not hang on a connection that is gone: its channel is LISTENed
                 # again on reconnect, and the reconnect hooks cover the gap.
                 self._release_waiters()
                 log.warning(
-                    "pgcoord listener connection lost (%s); reconnecting in %.2f s", exc, delay
+                    "pgcoord listener lost its connection to %s (%s); reconnecting in %.2f s",
+                    _driver.describe_server(self._dsn),
+                    _reason(exc),
+                    delay,
                 )
                 await self._close()
                 await asyncio.sleep(delay)
@@ -279,23 +315,38 @@ class Listener:
                 for c in sorted(self._active - wanted)
             ]
             # No parameters, so psycopg sends them as one simple-protocol round trip.
-            await conn.execute(sql.SQL("; ").join(statements))
+            deadline = asyncio.get_running_loop().time() + self._connect_timeout
+            async with Bounded(conn, deadline, "LISTEN on the listener connection", self._dsn):
+                await conn.execute(sql.SQL("; ").join(statements))
             self._active = wanted
         self._release_waiters()
 
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
             self._wake.clear()
+            loop = asyncio.get_running_loop()
+            # LISTEN/UNLISTEN and the ping are bounded by severing the connection (cancelling
+            # a psycopg statement would wait on the stalled socket again, see _deadline).
+            bound = min(self._connect_timeout, PING_TIMEOUT)
             await self._apply_channels(conn)
-            if time.monotonic() - self._last_rx >= self._heartbeat:
+            quiet = time.monotonic() - self._last_rx
+            if quiet >= self._heartbeat:
                 # Quiet for a whole beat: prove the connection still works.
-                await asyncio.wait_for(conn.execute("SELECT 1"), self._connect_timeout)
+                async with Bounded(
+                    conn, loop.time() + bound, "the listener's heartbeat ping", self._dsn
+                ):
+                    await conn.execute("SELECT 1")
                 self._last_rx = time.monotonic()
+                quiet = 0.0
             pump = asyncio.create_task(self._pump(conn), name="pgcoord-listener-pump")
             wake = asyncio.create_task(self._wake.wait())
             try:
+                # Until a whole beat of quiet has passed since the last thing received, not a
+                # beat from now: a stall is then noticed one beat after it began.
                 done, _ = await asyncio.wait(
-                    {pump, wake}, timeout=self._heartbeat, return_when=asyncio.FIRST_COMPLETED
+                    {pump, wake},
+                    timeout=self._heartbeat - quiet,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
             finally:
                 # Cancelling notifies() while it waits for the socket is safe: it holds no
@@ -347,6 +398,12 @@ class Listener:
                 await conn.close()
 
 
+def _reason(exc: BaseException) -> str:
+    """What went wrong, never empty (``TimeoutError()`` prints as nothing)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class ListenerView:
     """One Coordinator's share of its process's :class:`Listener`.
 
@@ -363,6 +420,8 @@ class ListenerView:
         self._pairs: dict[tuple[str, NotifyCallback], None] = {}
         self._hooks: dict[ReconnectHook, None] = {}
         self._lost_hooks: dict[LostHook, None] = {}
+        #: Set when the Coordinator starts stopping: unlisten() then does not wait.
+        self.stopping = False
 
     @property
     def shared(self) -> Listener:
@@ -399,6 +458,11 @@ class ListenerView:
         """The server's version number (e.g. 150004), known once connected."""
         return self._listener.server_version
 
+    @property
+    def behind_pooler(self) -> bool:
+        """True when a pooler answered the LISTEN connection's login (see pgcoord._pooler)."""
+        return self._listener.behind_pooler
+
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the listener is connected and listening (raises TimeoutError)."""
         await self._listener.wait_connected(timeout)
@@ -409,9 +473,10 @@ class ListenerView:
         await self._listener.listen(channel, callback)
 
     async def unlisten(self, channel: str, callback: NotifyCallback) -> None:
-        """:meth:`Listener.unlisten`."""
+        """:meth:`Listener.unlisten` (not waiting for the UNLISTEN once the Coordinator stops:
+        the callback is gone at once either way)."""
         self._pairs.pop((channel, callback), None)
-        await self._listener.unlisten(channel, callback)
+        await self._listener.unlisten_many([(channel, callback)], wait=not self.stopping)
 
     def add_reconnect_hook(self, hook: ReconnectHook) -> None:
         """:meth:`Listener.add_reconnect_hook`, remembered for :meth:`detach`."""
@@ -441,12 +506,14 @@ class ListenerView:
         what ends one Coordinator's part)."""
         await self._listener.stop()
 
-    async def detach(self) -> None:
-        """Remove everything registered through this view (the Coordinator is stopping)."""
+    async def detach(self, timeout: float | None = None) -> None:
+        """Remove everything registered through this view (the Coordinator is stopping),
+        waiting at most ``timeout`` seconds for the UNLISTEN (the callbacks go at once)."""
         for hook in self._hooks:
             self._listener.remove_reconnect_hook(hook)
         for lost in self._lost_hooks:
             self._listener.remove_lost_hook(lost)
         pairs = list(self._pairs)
         self._hooks, self._lost_hooks, self._pairs = {}, {}, {}
-        await self._listener.unlisten_many(pairs)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listener.unlisten_many(pairs), timeout)

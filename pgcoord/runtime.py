@@ -7,6 +7,7 @@ works) and reach work connections and the listener through :class:`Runtime`, whi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, ClassVar
@@ -15,9 +16,14 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from pgcoord import _driver, names
+from pgcoord import _deadline, _driver, names
 from pgcoord._sources import PoolSource, WorkSource
-from pgcoord.errors import InvalidTypeError, NotRunningError
+from pgcoord.errors import (
+    CommandTimeoutError,
+    ConnectionFailedError,
+    InvalidTypeError,
+    NotRunningError,
+)
 from pgcoord.listener import ListenerView
 
 _NOT_RUNNING = (
@@ -37,12 +43,17 @@ class Runtime:
         instance_id: str,
         options: Mapping[str, Any],
         connect_timeout: float,
+        command_timeout: float = _deadline.DEFAULT_COMMAND_TIMEOUT,
     ) -> None:
         self.app = app
         self.schema = schema
         self.instance_id = instance_id
         self.options = dict(options)
         self.connect_timeout = connect_timeout
+        #: Seconds one database step of a call may take, waiting for a connection included.
+        self.command_timeout = command_timeout
+        # While stopping: the event-loop time by which every remaining step must be done.
+        self.stop_deadline: float | None = None
         self.dsn: str | None = None
         # Kept after stop() so connections still out then go back where they came from.
         self._source: WorkSource | None = None
@@ -83,16 +94,17 @@ class Runtime:
                 "the pgcoord Coordinator is not running (not started yet, or stopped)"
             )
 
-    async def acquire(self) -> psycopg.AsyncConnection[Any]:
+    async def acquire(self, timeout: float | None = None) -> psycopg.AsyncConnection[Any]:
         """Borrow an autocommit connection (a kept warm one when there is); give it back with
-        :meth:`release`. Prefer :meth:`connection`; this pair is for the hottest paths.
+        :meth:`release`. Prefer :meth:`connection`; this pair is for the hottest paths, which
+        bound their statements themselves (:class:`~pgcoord._deadline.Bounded`).
 
         When every connection of the budget is out, this waits (first come, first served)
-        up to ``connect_timeout`` for one to come back."""
+        up to ``timeout`` (default ``connect_timeout``) for one to come back."""
         source = self._source
         if source is None or not self.running:
             raise NotRunningError(_NOT_RUNNING)
-        return await source.acquire()
+        return await source.acquire(timeout)
 
     async def release(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Give back a connection from :meth:`acquire` (kept warm for a moment, or returned)."""
@@ -102,10 +114,22 @@ class Runtime:
             return
         await source.release(conn, keep=self.running)
 
-    def connection(self) -> Borrowed:
-        """``async with rt.connection() as conn``: borrow an autocommit connection (a kept
-        warm one when there is); psycopg errors inside the block come out as pgcoord errors."""
-        return Borrowed(self)
+    def step_deadline(self, timeout: float | None = None) -> float:
+        """The event-loop time by which a database step starting now must end: ``timeout``
+        (default ``command_timeout``) from now, or sooner while the Coordinator stops."""
+        deadline = asyncio.get_running_loop().time() + (
+            self.command_timeout if timeout is None else timeout
+        )
+        cap = self.stop_deadline
+        return deadline if cap is None or cap > deadline else cap
+
+    def connection(self, what: str = "a pgcoord call", timeout: float | None = None) -> Borrowed:
+        """``async with rt.connection("cache get") as conn``: borrow an autocommit connection
+        (a kept warm one when there is) for one database step bounded by ``timeout`` seconds
+        (default ``command_timeout``), the wait for the connection included: past it the
+        connection is severed and :class:`~pgcoord.errors.CommandTimeoutError` (naming
+        ``what``) raised. psycopg errors inside the block come out as pgcoord errors."""
+        return Borrowed(self, what, self.command_timeout if timeout is None else timeout)
 
     def table(self, name: str) -> sql.Identifier:
         """A schema-qualified table identifier for SQL composed with ``psycopg.sql``."""
@@ -154,15 +178,33 @@ class Borrowed:
     :func:`~pgcoord._driver.translated` cost a measurable share of the client CPU.
     """
 
-    __slots__ = ("_conn", "_rt")
+    __slots__ = ("_bound", "_conn", "_rt", "_timeout", "_what")
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, what: str, timeout: float) -> None:
         self._rt = runtime
+        self._what = what
+        self._timeout = timeout
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._bound: _deadline.Bounded | None = None
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
-        self._conn = await self._rt.acquire()
-        return self._conn
+        rt = self._rt
+        deadline = rt.step_deadline(self._timeout)
+        try:
+            self._conn = conn = await rt.acquire(
+                max(0.0, deadline - asyncio.get_running_loop().time())
+            )
+        except ConnectionFailedError as exc:
+            if not isinstance(exc.__cause__, PoolTimeout) and not isinstance(
+                exc, CommandTimeoutError
+            ):
+                raise
+            raise _deadline.timed_out(
+                f"{self._what} (waiting for a connection)", rt.dsn, self._timeout, sent=False
+            ) from exc
+        self._bound = _deadline.Bounded(conn, deadline, self._what, rt.dsn)
+        await self._bound.__aenter__()
+        return conn
 
     async def __aexit__(
         self,
@@ -171,7 +213,9 @@ class Borrowed:
         tb: TracebackType | None,
     ) -> None:
         conn, self._conn = self._conn, None
-        assert conn is not None
+        bound, self._bound = self._bound, None
+        assert conn is not None and bound is not None
         await self._rt.release(conn)
+        await bound.__aexit__(exc_type, exc, tb)  # raises CommandTimeoutError if it severed
         if isinstance(exc, psycopg.Error | PoolTimeout):
-            raise _driver.translate(exc, self._rt.dsn) from exc
+            raise _driver.translate(exc, self._rt.dsn, self._what) from exc

@@ -27,6 +27,8 @@ from typing import Any
 import psycopg
 
 from pgcoord import _driver
+from pgcoord._deadline import Bounded
+from pgcoord.errors import PgcoordError
 from pgcoord.runtime import Runtime
 
 log = logging.getLogger("pgcoord.cache")
@@ -69,9 +71,10 @@ class ClusterLocks:
         try:
             conn = await self._connection()
             try:
-                cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
-                row = await cur.fetchone()
-            except psycopg.Error as exc:
+                async with self._bound(conn, "cache wrap: lock"):
+                    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                    row = await cur.fetchone()
+            except (psycopg.Error, PgcoordError) as exc:
                 await self._discard(conn)
                 raise _driver.translate(exc, self._rt.dsn) from exc
             got = bool(row and row[0])
@@ -90,13 +93,23 @@ class ClusterLocks:
         if conn is not None and not conn.closed:
             self._busy += 1
             try:
-                await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-            except psycopg.Error:
-                log.warning("pgcoord cache: wrap lock connection failed on unlock; reopening")
+                async with self._bound(conn, "cache wrap: unlock"):
+                    await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            except (psycopg.Error, PgcoordError) as exc:
+                log.warning(
+                    "pgcoord cache: wrap's lock connection to %s failed on unlock (%s); "
+                    "closing it, which releases the lock",
+                    _driver.describe_server(self._rt.dsn or ""),
+                    exc,
+                )
                 await self._discard(conn)
             finally:
                 self._busy -= 1
         self._schedule_idle_close()
+
+    def _bound(self, conn: psycopg.AsyncConnection[Any], what: str) -> Bounded:
+        deadline = self._rt.step_deadline()
+        return Bounded(conn, deadline, what, self._rt.dsn)
 
     def _schedule_idle_close(self) -> None:
         if self._held or self._conn is None or self._idle is not None:

@@ -204,7 +204,7 @@ class CacheManager(Service):
         for memory in self._memory.values():
             await memory.reset()
         app = self._rt.app
-        async with self._rt.connection() as conn:
+        async with self._rt.connection("cache flush_all") as conn:
             # ':' < ';' in the C collation, so this is exactly the namespaces "<app>:...".
             await conn.execute(self._queries.flush_app, (f"{app}:", f"{app};"))
         self._clear_near()
@@ -339,7 +339,7 @@ class CacheManager(Service):
         instance's Postgres caches; return the number of rows deleted. Runs on its own every
         ``cache_sweep_interval`` seconds; call it to sweep now."""
         deleted = 0
-        async with self._rt.connection() as conn:
+        async with self._rt.connection("cache sweep") as conn:
             deleted += await self._sweep_expired(conn)
             for cache in list(self._caches.values()):
                 if cache.store_kind == "postgres" and cache.max_entries is not None:

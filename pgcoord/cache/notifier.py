@@ -45,7 +45,7 @@ class Notifier:
             self._pending, self._waiters = [], []
             try:
                 payloads = messages.pack(self._rt.instance_id, ops)
-                async with self._rt.connection() as conn:
+                async with self._rt.connection("cache invalidation notify") as conn:
                     await conn.execute(
                         "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
                         (self._channel, payloads),

@@ -24,7 +24,7 @@ class PostgresStore:
 
     async def _run(self, query: bytes, params: Any, fetch: int) -> Any:
         """Run one statement; ``fetch``: 0 nothing, 1 one row (or None), 2 all rows."""
-        async with self._rt.connection() as conn:
+        async with self._rt.connection("cache statement") as conn:
             cur = await conn.execute(query, params)
             if fetch == 1:
                 return await cur.fetchone()

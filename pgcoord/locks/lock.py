@@ -198,6 +198,12 @@ class Lock:
         # A method, not an inline comparison: the state changes across awaits.
         return self._state is _State.HELD
 
+    def _lease_end_loop_time(self) -> float | None:
+        """The lease's end on the event loop's clock (None: no ttl)."""
+        if self._deadline is None:
+            return None
+        return self._loop.time() + (self._deadline - lease.now())
+
     def _expired(self) -> bool:
         return self._deadline is not None and lease.now() >= self._deadline
 

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import psycopg
 
 from pgcoord import _driver
+from pgcoord._deadline import Bounded
 from pgcoord.errors import ConnectionFailedError, LockAcquireError, LockLostError, NotRunningError
 from pgcoord.locks import lease
 from pgcoord.locks.keygate import KeyGate, KeyGates
@@ -52,6 +53,8 @@ LOCAL_HANDOFFS = 8
 #: How soon after marking a key a waiter looks once more, for a release whose check of the mark
 #: ran in the instant before the mark committed (it then sent no NOTIFY).
 _LATE_CHECK = 0.02
+#: Seconds a try sent just before a try_acquire deadline may still take to be answered.
+LAST_TRY = 0.5
 
 #: How long a task that the local holder let go past waits for the other instance's turn.
 YIELD_PAUSE = 0.02
@@ -151,7 +154,7 @@ class LockManager(Service):
         # Free this instance's lease rows now rather than leaving the others to wait for the
         # ttl: all of them, also one a promotion cancelled by the stop had just committed.
         try:
-            async with self._rt.connection() as conn:
+            async with self._rt.connection("locks stop") as conn:
                 cur = await conn.execute(self._queries.release_instance, (self._rt.instance_id,))
                 wanted = [name for name, was_wanted in await cur.fetchall() if was_wanted]
                 if wanted:
@@ -250,14 +253,15 @@ class LockManager(Service):
         epoch = self._epochs.get(conn)
         query = self._queries.take_over if epoch is None else self._queries.take_over_warm
         try:
-            cur = await conn.execute(
-                query, (str(lease.server_ttl_ms(ttl)), advisory_key), binary=True
-            )
-            row = await cur.fetchone()
+            async with self._bound(conn, f"lock acquire {name!r}"):
+                cur = await conn.execute(
+                    query, (str(lease.server_ttl_ms(ttl)), advisory_key), binary=True
+                )
+                row = await cur.fetchone()
         except BaseException as exc:
             await self._discard(conn)  # closing the session lets the lock go
-            if isinstance(exc, psycopg.Error):
-                return None  # take it the ordinary way
+            if isinstance(exc, psycopg.Error | ConnectionFailedError):
+                return None  # take it the ordinary way (which retries a failed connection)
             raise
         if self._stopped() or row is None:
             await self._discard(conn)
@@ -413,22 +417,23 @@ class LockManager(Service):
             ) from None
         sent_at = lease.now()
         epoch: int | None = None
+        # The try_acquire timeout bounds the statement too, not only the wait for it; a try
+        # sent just before the deadline still gets a round trip's worth of time to answer.
+        until = None if deadline is None else max(deadline, loop_time() + LAST_TRY)
+        bound = self._bound(conn, f"lock acquire {name!r}", until)
         try:
-            if mark:
-                cur = await conn.execute(
-                    self._queries.acquire_waiting, (advisory_key, ttl_ms), binary=True
+            async with bound:
+                token, expires_in, newly, epoch = await self._try_on(
+                    conn, advisory_key, ttl_ms, mark
                 )
-                token, expires_in, newly = await cur.fetchone() or (None, None, False)
-            else:
-                epoch = self._epochs.get(conn)
-                query = self._queries.acquire if epoch is None else self._queries.acquire_warm
-                cur = await conn.execute(query, (str(ttl_ms), advisory_key), binary=True)
-                row = await cur.fetchone()
-                token, expires_in, newly = (row[0] if row else None), None, False
         except BaseException as exc:
             # Cancelled or failed mid-statement: the lock may or may not have been granted.
             # Closing the session settles it (a closed session holds nothing).
             await self._discard(conn)
+            if bound.fired and deadline is not None and deadline <= loop_time():
+                raise LockAcquireError(
+                    f"the lock {name!r} was not acquired in time: the server did not answer ({exc})"
+                ) from exc
             if isinstance(exc, psycopg.Error):
                 raise _driver.translate(exc, self._rt.dsn) from exc
             raise
@@ -440,11 +445,35 @@ class LockManager(Service):
             # the Coordinator. Closing the session frees it.
             await self._discard(conn)
             raise NotRunningError(f"the pgcoord Coordinator stopped while acquiring {name!r}")
-        token = self._token(conn, token, None if mark else epoch)
+        token = self._token(conn, token, epoch)
         lock = Lock(self, name, advisory_key, channel, gate, conn, token, ttl, sent_at)
         self._held.add(lock)
         self._sessions[lock] = None
         return lock, None, False
+
+    async def _try_on(
+        self, conn: Connection, advisory_key: int, ttl_ms: int, mark: bool
+    ) -> tuple[int | None, float | None, bool, int | None]:
+        """The try statement: (drawn token or None, lease left, newly marked, known epoch)."""
+        if mark:
+            cur = await conn.execute(
+                self._queries.acquire_waiting, (advisory_key, ttl_ms), binary=True
+            )
+            token, expires_in, newly = await cur.fetchone() or (None, None, False)
+            return token, expires_in, newly, None
+        epoch = self._epochs.get(conn)
+        query = self._queries.acquire if epoch is None else self._queries.acquire_warm
+        cur = await conn.execute(query, (str(ttl_ms), advisory_key), binary=True)
+        row = await cur.fetchone()
+        return (row[0] if row else None), None, False, epoch
+
+    def _bound(self, conn: Connection, what: str, until: float | None = None) -> Bounded:
+        """A bound on one step on a lock's session: ``command_timeout``, or ``until`` (event
+        loop time) when sooner."""
+        deadline = self._rt.step_deadline()
+        if until is not None and until < deadline:
+            deadline = until
+        return Bounded(conn, deadline, what, self._rt.dsn)
 
     async def _sleep(
         self,
@@ -553,7 +582,10 @@ class LockManager(Service):
         # The sync between them matters: statements of a pipeline not separated by a sync run
         # in one implicit transaction, and the (session-level) unlock would take effect before
         # the row committed, letting another session in between.
-        async with conn.pipeline() as pipeline:
+        async with (
+            self._bound(conn, f"lock promotion {lock.key!r}", lock._lease_end_loop_time()),
+            conn.pipeline() as pipeline,
+        ):
             cur = await conn.execute(q.promote, params)
             await pipeline.sync()
             unlocked = await conn.execute(q.unlock_promoted, (lock.advisory_key, lock.token))
@@ -573,13 +605,17 @@ class LockManager(Service):
     async def _release(self, lock: Lock, conn: Connection | None) -> bool:
         q = self._queries
         if conn is not None:
-            cur = await conn.execute(q.unlock, (lock.advisory_key, lock.advisory_key), binary=True)
-            row = await cur.fetchone()
-            if row and row[2]:  # contended: clear the mark and NOTIFY the waiters
-                await conn.execute(q.wake_waiters, (lock.advisory_key, lock.channel))
+            # Bounded: past it the session is closed, which lets the lock go just the same.
+            async with self._bound(conn, f"lock release {lock.key!r}"):
+                cur = await conn.execute(
+                    q.unlock, (lock.advisory_key, lock.advisory_key), binary=True
+                )
+                row = await cur.fetchone()
+                if row and row[2]:  # contended: clear the mark and NOTIFY the waiters
+                    await conn.execute(q.wake_waiters, (lock.advisory_key, lock.channel))
             return bool(row and row[0])
         else:
-            async with self._rt.connection() as pooled:
+            async with self._rt.connection(f"lock release {lock.key!r}") as pooled:
                 cur = await pooled.execute(
                     q.release_lease, (lock.advisory_key, lock.token, lock.channel), binary=True
                 )
@@ -589,10 +625,17 @@ class LockManager(Service):
     async def _extend(self, lock: Lock, conn: Connection | None, ttl: float | None) -> bool:
         q = self._queries
         ttl_ms = lease.server_ttl_ms(ttl)
+        # An extend that cannot reach the server before the lease ends is over by then: the
+        # lock is lost whatever the server would have answered.
+        until = lock._lease_end_loop_time()
+        what = f"lock extend {lock.key!r}"
         if conn is not None:
-            await conn.execute(q.extend_session, (str(ttl_ms),))
+            async with self._bound(conn, what, until):
+                await conn.execute(q.extend_session, (str(ttl_ms),))
             return True
-        async with self._rt.connection() as pooled:
+        left = None if until is None else until - asyncio.get_running_loop().time()
+        timeout = self._rt.command_timeout if left is None else min(left, self._rt.command_timeout)
+        async with self._rt.connection(what, max(0.0, timeout)) as pooled:
             cur = await pooled.execute(
                 q.extend_lease, (ttl_ms, ttl, lock.advisory_key, lock.token), binary=True
             )
@@ -657,7 +700,7 @@ class LockManager(Service):
             if manager._same_server(self):
                 for lock in list(manager._sessions):
                     await lock.promote_soon()
-        async with self._rt.connection() as conn:
+        async with self._rt.connection("locks holders") as conn:
             cur = await conn.execute(self._queries.holders, (self._rt.app,))
             rows = await cur.fetchall()
         holders = []
@@ -693,6 +736,11 @@ class LockManager(Service):
         if self._max_sessions is not None:
             return self._max_sessions
         return max(1, min(DEFAULT_SESSIONS, self._rt.work_capacity - 1))
+
+
+def loop_time() -> float:
+    """The running event loop's clock (deadlines of lock calls are on it)."""
+    return asyncio.get_running_loop().time()
 
 
 class Backoff:

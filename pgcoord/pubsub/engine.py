@@ -33,11 +33,9 @@ from collections.abc import Coroutine, Sequence
 from functools import lru_cache
 from typing import Any, TypeAlias
 
-import psycopg
-
 from pgcoord import codec
 from pgcoord import transaction as txn
-from pgcoord.errors import ConnectionFailedError, PgcoordError
+from pgcoord.errors import PgcoordError
 from pgcoord.pubsub import envelope as wire
 from pgcoord.pubsub.queries import NOTIFY, SNAPSHOT, Queries
 from pgcoord.pubsub.seen import SeenIds
@@ -51,8 +49,6 @@ log = logging.getLogger("pgcoord.pubsub")
 Ready: TypeAlias = list[tuple[str, wire.Envelope]]
 Item: TypeAlias = Ready | asyncio.Task[Ready]
 
-# A publish that meets a pooled connection killed by a server restart tries the next one.
-_PUBLISH_ATTEMPTS = 3
 # Reads for the pipeline retry for about this long (a restarting server) before giving up.
 _READ_RETRY_SECONDS = 30.0
 _SWEEP_BATCH = 1000
@@ -263,27 +259,21 @@ class Engine:
             )
             return
         inline = wire.fits_notify(envelope)
+        what = "sync message publish" if durable else "pub/sub publish"
         if inline and not durable:
-            await self._send(NOTIFY, (pg, envelope))
+            await self._send(NOTIFY, (pg, envelope), what)
         else:
-            await self._send(self._q.insert_and_notify, (pg, durable, envelope, inline))
+            await self._send(self._q.insert_and_notify, (pg, durable, envelope, inline), what)
 
-    async def _send(self, query: str, params: Sequence[Any]) -> None:
-        # Every pooled connection may have been killed by one server restart: allow one
-        # attempt per connection the pool can hold, plus a fresh one.
-        attempts = max(_PUBLISH_ATTEMPTS, self._rt.work_capacity + 1)
-        for attempt in range(1, attempts + 1):
-            try:
-                async with self._rt.connection() as conn:
-                    await conn.execute(query, params)
-                return
-            except ConnectionFailedError as exc:
-                # A connection that broke under us: most likely a pooled one that a server
-                # restart killed before we used it (the pool drops it now), so try a fresh one.
-                # Not a pool timeout: the server is unreachable and waiting again would only
-                # multiply the caller's wait. A sync message sent twice is delivered once.
-                if attempt == attempts or not isinstance(exc.__cause__, psycopg.Error):
-                    raise
+    async def _send(self, query: str, params: Sequence[Any], what: str) -> None:
+        # Not retried: a connection the server closed while idle is replaced before anything
+        # is sent on it (see WorkSource.acquire), so an error here came after the statement
+        # may have reached the server, and sending again could deliver twice.
+        async with self._rt.connection(what) as conn:
+            await conn.execute(query, params)
+
+    def _label(self, what: str) -> str:
+        return f"pub/sub {what}"
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -384,7 +374,7 @@ class Engine:
         deadline = loop.time() + _READ_RETRY_SECONDS
         while True:
             try:
-                async with self._rt.connection() as conn:
+                async with self._rt.connection(self._label(what)) as conn:
                     cur = await conn.execute(query, params)
                     rows = await cur.fetchall()
                 break
@@ -426,7 +416,7 @@ class Engine:
         return ready
 
     async def _snapshot(self) -> str:
-        async with self._rt.connection() as conn:
+        async with self._rt.connection(self._label("catch-up snapshot")) as conn:
             cur = await conn.execute(SNAPSHOT)
             row = await cur.fetchone()
         assert row is not None
@@ -455,7 +445,7 @@ class Engine:
             _SWEEP_BATCH,
         )
         while True:
-            async with self._rt.connection() as conn:
+            async with self._rt.connection(self._label("sweep")) as conn:
                 cur = await conn.execute(self._q.sweep, params)
             total += max(cur.rowcount, 0)
             if cur.rowcount < _SWEEP_BATCH:

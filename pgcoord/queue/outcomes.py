@@ -4,7 +4,9 @@ Finishing jobs one statement at a time would cap a worker at one round trip per 
 outcomes are buffered and flushed together a couple of milliseconds later (or at once when
 many are waiting): one ``DELETE ... USING unnest(ids, attempts)`` completes hundreds of jobs.
 A job whose outcome is still buffered keeps its lease, so a crash before the flush only
-means the job runs again (at-least-once).
+means the job runs again (at-least-once). A flushed outcome commits at the
+``queue_synchronous_commit`` level the statements were built with (:mod:`.queries`): with the
+default ``"off"`` a crash or a failover may still undo it, and the job runs again.
 """
 
 from __future__ import annotations

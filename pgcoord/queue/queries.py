@@ -11,16 +11,22 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
+from pgcoord.errors import InvalidInputError, InvalidTypeError
 from pgcoord.schema.queue import FAILED, JOBS, WAITERS
 
 _JOB_COLUMNS = "id, attempt, retried, max_retries, timeout, priority, payload, attempt_base"
 
-# Worker-side writes (claim, complete, retry, fail, release, renew) commit without waiting for
-# the WAL flush: set_config(..., true) lasts only for the statement's own transaction. Losing
-# such a write in a server crash only makes a job run again, which at-least-once allows; the
-# enqueue itself stays fully durable. This takes a claim or completion from ~0.3 ms of fsync
-# wait to ~0.07 ms and lets commits overlap.
-_ASYNC_COMMIT = "cfg AS (SELECT set_config('synchronous_commit', 'off', true) AS v)"
+#: The ``synchronous_commit`` levels the worker-side writes accept (``queue_synchronous_commit``).
+SYNCHRONOUS_COMMIT_LEVELS = ("on", "off", "local", "remote_write", "remote_apply")
+
+# Worker-side writes (claim, complete, retry, fail, release, renew, waiter rows) commit at the
+# queue_synchronous_commit level: set_config(..., true) lasts only for the statement's own
+# transaction. The default, off, does not wait for the WAL flush: losing such a write in a
+# crash or a failover only makes a job run again, which at-least-once allows, and the enqueue
+# itself stays fully durable. It takes a claim or completion from ~0.3 ms of fsync wait to
+# ~0.07 ms and lets commits overlap; "on" with a synchronous standby makes a finished job stay
+# finished through a failover (docs/operations.md, "Failover").
+_WORKER_COMMIT = "cfg AS (SELECT set_config('synchronous_commit', {sync_commit}, true) AS v)"
 
 
 @dataclass(frozen=True)
@@ -47,14 +53,29 @@ class Queries:
     waiter_delete: sql.Composed
 
 
-def build(schema: str) -> Queries:
-    """Compose the queue's statements for tables in ``schema``."""
+def check_synchronous_commit(value: object, what: str = "queue_synchronous_commit") -> str:
+    """Validate a ``synchronous_commit`` level: one of :data:`SYNCHRONOUS_COMMIT_LEVELS`."""
+    if not isinstance(value, str):
+        raise InvalidTypeError(f"{what} must be a str, not {type(value).__name__}")
+    if value not in SYNCHRONOUS_COMMIT_LEVELS:
+        raise InvalidInputError(
+            f"{what} must be one of {', '.join(map(repr, SYNCHRONOUS_COMMIT_LEVELS))} "
+            f"(PostgreSQL's synchronous_commit levels); got {value!r}"
+        )
+    return value
+
+
+def build(schema: str, *, synchronous_commit: str = "off") -> Queries:
+    """Compose the queue's statements for tables in ``schema``; the worker-side writes commit
+    at the ``synchronous_commit`` level (validated with :func:`check_synchronous_commit`)."""
     jobs = sql.Identifier(schema, JOBS)
     failed = sql.Identifier(schema, FAILED)
     waiters = sql.Identifier(schema, WAITERS)
+    # A literal from a closed list, not a parameter: each statement keeps one fixed text.
+    level = sql.Literal(check_synchronous_commit(synchronous_commit))
 
     def q(text: str) -> sql.Composed:
-        return sql.SQL(text).format(jobs=jobs, failed=failed, waiters=waiters)
+        return sql.SQL(text).format(jobs=jobs, failed=failed, waiters=waiters, sync_commit=level)
 
     # Is some worker of this queue possibly asleep, waiting for a NOTIFY? An uncorrelated
     # subquery: evaluated once per statement, one primary-key range probe.
@@ -93,7 +114,7 @@ def build(schema: str) -> Queries:
     # claim index leads with priority; a full claim skips it altogether (more work is
     # waiting, the worker claims again at once).
     claim = (
-        f"WITH RECURSIVE {_ASYNC_COMMIT}, c AS (SELECT id FROM {{jobs}} "
+        f"WITH RECURSIVE {_WORKER_COMMIT}, c AS (SELECT id FROM {{jobs}} "
         "WHERE app = %(app)s AND channel = %(channel)s AND run_at <= now() "
         "ORDER BY priority DESC, run_at, id LIMIT %(n)s FOR UPDATE SKIP LOCKED), "
         "u AS (UPDATE {jobs} AS j SET run_at = now() + make_interval(secs => %(lease)s), "
@@ -124,18 +145,18 @@ def build(schema: str) -> Queries:
         notify=sql.SQL("SELECT pg_notify(%s, '')"),
         claim=q(claim),
         complete=q(
-            f"WITH {_ASYNC_COMMIT} DELETE FROM {{jobs}} AS j USING {fenced}, cfg "
+            f"WITH {_WORKER_COMMIT} DELETE FROM {{jobs}} AS j USING {fenced}, cfg "
             "WHERE j.id = d.id AND j.attempt = d.attempt"
         ),
         retry=q(
-            f"WITH {_ASYNC_COMMIT} "
+            f"WITH {_WORKER_COMMIT} "
             "UPDATE {jobs} AS j SET run_at = now() + make_interval(secs => d.delay), "
             "retried = j.retried + 1, worker = NULL "
             "FROM unnest(%s::bigint[], %s::int[], %s::float8[]) AS d(id, attempt, delay), cfg "
             "WHERE j.id = d.id AND j.attempt = d.attempt"
         ),
         fail=q(
-            f"WITH {_ASYNC_COMMIT}, "
+            f"WITH {_WORKER_COMMIT}, "
             "d AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::text[], %s::text[]) "
             "AS d(id, attempt, error, tb)), "
             "moved AS (DELETE FROM {jobs} AS j USING d WHERE j.id = d.id AND j.attempt = d.attempt "
@@ -152,12 +173,12 @@ def build(schema: str) -> Queries:
         ),
         # Graceful stop: back to the queue at once, without counting a failed try.
         release=q(
-            f"WITH {_ASYNC_COMMIT} "
+            f"WITH {_WORKER_COMMIT} "
             f"UPDATE {{jobs}} AS j SET run_at = now(), worker = NULL FROM {fenced}, cfg "
             "WHERE j.id = d.id AND j.attempt = d.attempt"
         ),
         renew=q(
-            f"WITH {_ASYNC_COMMIT} "
+            f"WITH {_WORKER_COMMIT} "
             "UPDATE {jobs} AS j SET run_at = now() + make_interval(secs => %s) "
             f"FROM {fenced}, cfg WHERE j.id = d.id AND j.attempt = d.attempt RETURNING j.id"
         ),
@@ -196,14 +217,14 @@ def build(schema: str) -> Queries:
             "FROM {jobs} WHERE app = %s AND channel = %s"
         ),
         waiter_set=q(
-            f"WITH {_ASYNC_COMMIT} "
+            f"WITH {_WORKER_COMMIT} "
             "INSERT INTO {waiters} (app, channel, worker, idle, expires_at) "
             "SELECT %s, %s, %s, %s, now() + make_interval(secs => %s) FROM cfg "
             "ON CONFLICT (app, channel, worker) DO UPDATE "
             "SET idle = EXCLUDED.idle, expires_at = EXCLUDED.expires_at"
         ),
         waiter_refresh=q(
-            f"WITH {_ASYNC_COMMIT} "
+            f"WITH {_WORKER_COMMIT} "
             "INSERT INTO {waiters} (app, channel, worker, idle, expires_at) "
             "SELECT %s, c.channel, %s, c.idle, now() + make_interval(secs => %s) "
             "FROM unnest(%s::text[], %s::bool[]) AS c(channel, idle), cfg "

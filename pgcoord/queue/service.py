@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 from psycopg import sql
@@ -18,9 +18,10 @@ from psycopg import sql
 from pgcoord import codec
 from pgcoord import transaction as txn
 from pgcoord._driver import translated
-from pgcoord.errors import InvalidTypeError, PgcoordError
-from pgcoord.queue import deadletters, queries
+from pgcoord.errors import InvalidTypeError, JobError, PgcoordError
+from pgcoord.queue import deadletters, keys, queries
 from pgcoord.queue.deadletters import FailedJob
+from pgcoord.queue.keys import check_idempotency_key
 from pgcoord.queue.options import PublishOptions, publish_options, subscribe_options
 from pgcoord.queue.outcomes import Outcomes
 from pgcoord.queue.throttle import NotifyState
@@ -57,7 +58,10 @@ class EventQueue(Service):
     queue), ``queue_txn_notify_window`` (see docs/queue.md), ``queue_vacuum_every`` (this
     process VACUUMs the jobs table after finishing this many jobs, at most every 2 s; 0: never),
     ``queue_idle_poll`` (the longest an idle worker sleeps without a NOTIFY or a known due
-    job before it claims anyway: the safety net for wake-ups it cannot know about).
+    job before it claims anyway: the safety net for wake-ups it cannot know about),
+    ``queue_synchronous_commit`` (the ``synchronous_commit`` level of the workers' claims,
+    outcomes and leases: ``"off"``, the default, or ``"on"``/``"local"``/``"remote_write"``/
+    ``"remote_apply"``; see docs/operations.md, "Failover").
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {
@@ -75,6 +79,12 @@ class EventQueue(Service):
         # This only bounds how late a job is found whose wake-up nobody could send (see
         # docs/queue.md, "Waking up").
         "queue_idle_poll": 5.0,
+        # synchronous_commit of the workers' own writes (claims, outcomes, leases): "off" is
+        # fastest and may re-run finished jobs after a crash or failover; "on" with a
+        # synchronous standby keeps them finished (docs/operations.md, "Failover").
+        "queue_synchronous_commit": "off",
+        # Seconds a publish's idempotency_key is remembered (pgcoord.queue.keys).
+        "queue_idempotency_window": keys.DEFAULT_WINDOW,
     }
 
     def __init__(self, runtime: Runtime) -> None:
@@ -95,7 +105,14 @@ class EventQueue(Service):
         self._waiter_every = max(self._lease / 3, _IDLE_WRITE_GAP)
         self._waiter_ttl = 3 * self._waiter_every
         self._last_waiter_refresh = float("-inf")
-        self._q = queries.build(runtime.schema)
+        self._q = queries.build(
+            runtime.schema, synchronous_commit=self.option("queue_synchronous_commit")
+        )
+        self._keys = keys.KeyQueries.for_schema(runtime.schema)
+        self._key_window = check_positive(
+            self.option("queue_idempotency_window"), "queue_idempotency_window"
+        )
+        self._keyed = 0
         self._workers: dict[str, Worker] = {}
         #: Unsubscribed workers still in their grace period: their running jobs' leases must
         #: still be renewed, or another instance may run those jobs at the same time.
@@ -159,7 +176,7 @@ class EventQueue(Service):
         if any(released):
             # Released jobs should not wait for a poll on the other instances.
             with contextlib.suppress(PgcoordError):
-                async with self._rt.connection() as conn:
+                async with self._rt.connection("queue stop") as conn:
                     for worker in workers:
                         await conn.execute(self._q.notify, (worker.pg_channel,))
 
@@ -240,7 +257,7 @@ class EventQueue(Service):
             # Only a hint for other instances (they poll anyway): a database that is down now
             # must not turn an unsubscribe that did its work into an error.
             with contextlib.suppress(PgcoordError):
-                async with self._rt.connection() as conn:
+                async with self._rt.connection("queue unsubscribe") as conn:
                     await conn.execute(self._q.notify, (worker.pg_channel,))
 
     def subscribed(self) -> list[str]:
@@ -259,18 +276,64 @@ class EventQueue(Service):
         delay: float = 0.0,
         priority: int = 0,
         transaction: object = None,
+        idempotency_key: str | None = None,
     ) -> int:
         """Enqueue one job; returns its id.
 
         ``timeout``: seconds a try may run; ``max_retries``: tries after the first failure;
         ``delay``: seconds before the job may first run; larger ``priority`` runs first.
         With ``transaction=`` the job exists only if that transaction commits.
+
+        ``idempotency_key``: at most one job per key and channel, for
+        ``queue_idempotency_window`` seconds (default a day): a publish with a key already
+        used returns the first job's id and enqueues nothing. Retry a publish that raised
+        :class:`~pgcoord.errors.ConnectionFailedError` (it may have committed) with the same
+        key and it cannot enqueue twice.
         """
+        key = check_idempotency_key(idempotency_key)
         params = self._one(channel, message, timeout, max_retries, delay, priority, transaction)
+        if key is not None:
+            params["key"] = key
+            ids = await self._insert(
+                channel, params, self._keys.publish, self._keys.publish_notify, transaction
+            )
+            return await self._keyed_result(ids, params, transaction)
         ids = await self._insert(
             channel, params, self._q.publish, self._q.publish_notify, transaction
         )
         return ids[0]
+
+    async def _keyed_result(
+        self, ids: Sequence[int | None], params: dict[str, Any], transaction: object
+    ) -> int:
+        """The new job's id, or (the key was used before) the first job's."""
+        self._keyed += 1
+        if self._keyed % keys.SWEEP_EVERY == 0:
+            self._sweep_keys_soon()
+        if ids and ids[0] is not None:
+            return ids[0]
+        # A fresh statement (and snapshot): the key's row committed before ours gave up.
+        if transaction is not None:
+            rows = await txn.execute(transaction, self._keys.existing, params)
+        else:
+            async with self._rt.connection("queue publish (existing key)") as conn:
+                cur = await conn.execute(self._keys.existing, params)
+                rows = await cur.fetchall()
+        if not rows:
+            raise JobError(
+                f"idempotency_key {params['key']!r}: its job was neither created nor found"
+            )
+        return int(rows[0][0])
+
+    def _sweep_keys_soon(self) -> None:
+        async def sweep() -> None:
+            with contextlib.suppress(PgcoordError):
+                async with self._rt.connection("queue idempotency key sweep") as conn:
+                    await conn.execute(self._keys.sweep, (self._key_window, keys.SWEEP_BATCH))
+
+        task = asyncio.create_task(sweep())
+        self._senders.add(task)
+        task.add_done_callback(self._senders.discard)
 
     async def publish_many(
         self,
@@ -303,16 +366,27 @@ class EventQueue(Service):
         max_retries: int = 0,
         delay: float = 0.0,
         priority: int = 0,
+        idempotency_key: str | None = None,
     ) -> int:
         """Blocking ``publish`` for sync code, inside the caller's own transaction.
 
         ``transaction`` is required: a sync psycopg ``Connection`` or a SQLAlchemy
         ``Connection``/``Session``. The job exists if and only if it commits. Callable from
         any thread. The wake-up NOTIFY rides in that transaction, only when some worker of
-        the queue may be asleep.
+        the queue may be asleep. ``idempotency_key`` as for :meth:`publish`.
         """
+        key = check_idempotency_key(idempotency_key)
         params = self._one(channel, message, timeout, max_retries, delay, priority, transaction)
-        return self._insert_sync(channel, params, self._q.publish_notify, transaction)[0]
+        if key is None:
+            return self._insert_sync(channel, params, self._q.publish_notify, transaction)[0]
+        params["key"] = key
+        ids = self._insert_sync(channel, params, self._keys.publish_notify, transaction)
+        if ids and ids[0] is not None:
+            return ids[0]
+        rows = txn.execute_sync(transaction, self._keys.existing, params)
+        if not rows:
+            raise JobError(f"idempotency_key {key!r}: its job was neither created nor found")
+        return int(rows[0][0])
 
     def publish_many_sync(
         self,
@@ -404,7 +478,7 @@ class EventQueue(Service):
         pg_channel = self._pg_channel(channel)
         state = self._notify_state(pg_channel)
         if transaction is None:
-            async with self._rt.connection() as conn:
+            async with self._rt.connection("queue publish") as conn:
                 cur = await conn.execute(plain, params)
                 rows = await cur.fetchall()
             # Committed: a NOTIFY sent from now on reveals these jobs to whoever it wakes.
@@ -458,7 +532,7 @@ class EventQueue(Service):
                 state.take()
                 started = time.monotonic()
                 try:
-                    async with self._rt.connection() as conn:
+                    async with self._rt.connection("queue wake-up notify") as conn:
                         await conn.execute(self._q.notify, (pg_channel,))
                 except PgcoordError as exc:
                     # Workers poll every `interval`: a lost wake-up costs latency, not jobs.
@@ -479,7 +553,7 @@ class EventQueue(Service):
             "lease": self._lease,
             "me": self._rt.instance_id,
         }
-        async with self._rt.connection() as conn:
+        async with self._rt.connection("queue claim") as conn:
             cur = await conn.execute(self._q.claim, params)
             rows = await cur.fetchall()
         # One row at least (the due time rides on every row); job columns are NULL when
@@ -488,7 +562,7 @@ class EventQueue(Service):
         return [r[:-1] for r in rows if r[0] is not None], due
 
     async def _set_waiter(self, channel: str, idle: bool) -> None:
-        async with self._rt.connection() as conn:
+        async with self._rt.connection("queue waiter mark") as conn:
             await conn.execute(
                 self._q.waiter_set,
                 (self._rt.app, channel, self._rt.instance_id, idle, self._waiter_ttl),
@@ -496,7 +570,7 @@ class EventQueue(Service):
 
     async def _delete_waiter(self, channel: str) -> None:
         with contextlib.suppress(PgcoordError):
-            async with self._waiter_lock, self._rt.connection() as conn:
+            async with self._waiter_lock, self._rt.connection("queue waiter delete") as conn:
                 await conn.execute(
                     self._q.waiter_delete, (self._rt.app, channel, self._rt.instance_id)
                 )
@@ -509,7 +583,7 @@ class EventQueue(Service):
                 await self._write_waiters(known)
 
     async def _write_waiters(self, known: list[Worker]) -> None:
-        async with self._rt.connection() as conn:
+        async with self._rt.connection("queue waiter write") as conn:
             await conn.execute(
                 self._q.waiter_refresh,
                 (
@@ -522,7 +596,7 @@ class EventQueue(Service):
             )
 
     async def _write(self, query: Any, params: Any) -> None:
-        async with self._write_lock, self._rt.connection() as conn:
+        async with self._write_lock, self._rt.connection("queue outcome write") as conn:
             await conn.execute(query, params)
         if query is self._q.complete or query is self._q.fail:
             self._since_vacuum += len(params[0])
@@ -547,7 +621,7 @@ class EventQueue(Service):
 
     async def _vacuum(self) -> None:
         try:
-            async with self._rt.connection() as conn:
+            async with self._rt.connection("queue vacuum") as conn:
                 await conn.execute(self._vacuum_sql)
         except PgcoordError as exc:
             # Not the owner, server busy, ...: autovacuum remains; the queue still works.
@@ -582,7 +656,7 @@ class EventQueue(Service):
         ids = [h[0] for h in held]
         attempts = [h[1] for h in held]
         try:
-            async with self._write_lock, self._rt.connection() as conn:
+            async with self._write_lock, self._rt.connection("queue lease renewal") as conn:
                 cur = await conn.execute(self._q.renew, (self._lease, ids, attempts))
                 kept = {r[0] for r in await cur.fetchall()}
         except PgcoordError as exc:
@@ -606,7 +680,7 @@ class EventQueue(Service):
         self, channel: str | None = None, *, ids: Iterable[int] | None = None, limit: int = 100
     ) -> list[FailedJob]:
         """Dead letters of this app (optionally one channel / some ids), oldest first."""
-        async with self._rt.connection() as conn:
+        async with self._rt.connection("queue failed_jobs") as conn:
             return await deadletters.list_failed(
                 conn, self._q, self._rt.app, channel=channel, ids=ids, limit=limit
             )
@@ -615,7 +689,7 @@ class EventQueue(Service):
         self, channel: str | None = None, *, ids: Iterable[int] | None = None
     ) -> list[int]:
         """Put dead letters back in their queues (same id, retry budget reset); their ids."""
-        async with self._rt.connection() as conn:
+        async with self._rt.connection("queue retry_failed") as conn:
             moved = await deadletters.retry_failed(
                 conn, self._q, self._rt.app, channel=channel, ids=ids
             )
@@ -631,7 +705,7 @@ class EventQueue(Service):
         older_than: float | None = None,
     ) -> int:
         """Delete dead letters for good (optionally only those failed > ``older_than`` s ago)."""
-        async with self._rt.connection() as conn:
+        async with self._rt.connection("queue purge_failed") as conn:
             return await deadletters.purge_failed(
                 conn, self._q, self._rt.app, channel=channel, ids=ids, older_than=older_than
             )
@@ -639,7 +713,7 @@ class EventQueue(Service):
     async def stats(self, channel: str) -> dict[str, int]:
         """Jobs of ``channel`` now: ``ready`` (claimable), ``running`` (leased), ``scheduled``."""
         check_key(channel, "channel")
-        async with self._rt.connection() as conn:
+        async with self._rt.connection("queue stats") as conn:
             cur = await conn.execute(self._q.counts, (self._rt.app, channel))
             row = await cur.fetchone()
         assert row is not None

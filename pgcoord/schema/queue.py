@@ -9,6 +9,10 @@ worker died (their lease simply runs out), and no sweeper is needed.
 
 ``queue_failed`` holds dead letters: jobs whose last try failed, with the error and traceback.
 
+``queue_keys`` remembers, for ``queue_idempotency_window``, the job each ``idempotency_key`` of a
+publish created, so a publish retried after an ambiguous failure returns that job instead of
+creating a second one (logged: it must survive a crash like the jobs it guards).
+
 ``queue_waiters`` has one row per subscribed worker saying whether it may be asleep waiting for
 a NOTIFY (``idle``); producers read it inside their INSERT and skip the wake-up NOTIFY when
 every worker of the queue is busy claiming anyway.
@@ -35,6 +39,7 @@ from sqlalchemy import (
 JOBS = "queue_jobs"
 FAILED = "queue_failed"
 WAITERS = "queue_waiters"
+KEYS = "queue_keys"
 
 #: Storage parameters of the hot table. Every job is inserted, updated (claim) and deleted, so
 #: dead tuples pile up fast: vacuum after ~1,000 of them regardless of table size, without
@@ -113,3 +118,13 @@ def define(metadata: MetaData) -> None:
         # A dead worker's row stops counting once this passes (refreshed every lease/3).
         Column("expires_at", DateTime(timezone=True), nullable=False),
     )
+    keys = Table(
+        KEYS,
+        metadata,
+        Column("app", Text(collation="C"), primary_key=True),
+        Column("channel", Text(collation="C"), primary_key=True),
+        Column("key", Text(collation="C"), primary_key=True),
+        Column("job_id", BigInteger, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    )
+    Index("queue_keys_created", keys.c.created_at)

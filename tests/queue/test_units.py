@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+import pgcoord
 from pgcoord.queue.backoff import retry_delay
 from pgcoord.queue.options import publish_options, subscribe_options
 from pgcoord.queue.throttle import NotifyState
@@ -103,3 +104,17 @@ def test_throttle_inside_transaction_at_most_once_per_window() -> None:
     assert state.inside_transaction(10.011) is True
     state.request(now=10.012, delay=0.01)
     assert state.inside_transaction(10.03) is False  # a trailing NOTIFY is pending
+
+
+@pytest.mark.parametrize("level", ["fast", "", "synchronous"])
+def test_queue_synchronous_commit_refuses_an_unknown_level_at_construction(level: str) -> None:
+    with pytest.raises(pgcoord.InvalidInputError, match="'on', 'off', 'local'") as info:
+        pgcoord.Coordinator("postgresql://127.0.0.1:1/none", queue_synchronous_commit=level)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(pgcoord.InvalidTypeError, match="queue_synchronous_commit"):
+        pgcoord.Coordinator("postgresql://127.0.0.1:1/none", queue_synchronous_commit=True)
+
+
+@pytest.mark.parametrize("level", ["on", "off", "local", "remote_write", "remote_apply"])
+def test_queue_synchronous_commit_accepts_postgres_levels(level: str) -> None:
+    pgcoord.Coordinator("postgresql://127.0.0.1:1/none", queue_synchronous_commit=level)

@@ -1,0 +1,1 @@
+"""Fault tests: servers that crash, fail over or stop answering, with real processes."""
