@@ -2,6 +2,7 @@
 
 The server is ``$PGCOORD_TEST_DSN`` when set, else an embedded server in
 ``$PGCOORD_TEST_DATA_DIR`` (default ``<tmp>/pgcoord-test-pgdata``), kept between runs.
+``$PGCOORD_TEST_BOUNCER=session`` puts a real PgBouncer in front of it for the tests' DSNs.
 """
 
 from __future__ import annotations
@@ -142,6 +143,23 @@ def server_from_env() -> PgServer:
         or Path(tempfile.gettempdir()) / "pgcoord-test-pgdata"
     )
     return PgServer(ensure_server(data_dir), embedded_dir=data_dir)
+
+
+#: ``PGCOORD_TEST_BOUNCER=session``: every test DSN (the ``dsn``/``empty_dsn`` fixtures) reaches
+#: the server through a PgBouncer in session pool mode started for the test session
+#: (tests/faults/bouncer.py); admin work (CREATE/DROP DATABASE, restarts) still goes direct.
+BOUNCER_ENV = "PGCOORD_TEST_BOUNCER"
+
+
+def bouncer_mode() -> str | None:
+    """The pool mode of ``$PGCOORD_TEST_BOUNCER`` (only ``session``), or None when unset."""
+    mode = os.environ.get(BOUNCER_ENV) or None
+    if mode not in (None, "session"):
+        raise RuntimeError(
+            f"{BOUNCER_ENV}={mode!r}: only 'session' runs the suite (pgcoord refuses a "
+            "transaction-mode bouncer at start; tests/faults/test_pgbouncer.py covers that)"
+        )
+    return mode
 
 
 def migrations_fingerprint() -> str:
