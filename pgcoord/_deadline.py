@@ -102,9 +102,9 @@ class Bounded:
         loop = asyncio.get_running_loop()
         self._bound = self._deadline - loop.time()
         if self._bound <= 0:
-            self._fire()
-        else:
-            self._timer = loop.call_at(self._deadline, self._fire)
+            # Nothing sent yet: the connection stays healthy (the caller gives it back).
+            raise timed_out(self._what, self._dsn, 0.0, sent=False)
+        self._timer = loop.call_at(self._deadline, self._fire)
         return self
 
     async def __aexit__(

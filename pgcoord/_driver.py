@@ -96,10 +96,11 @@ def is_refusal(exc: BaseException) -> bool:
 def went_away(conn: psycopg.AsyncConnection[Any]) -> bool:
     """Whether an idle connection was closed by the server (or the network) while unused.
 
-    Nothing arrives on an idle, healthy work connection unless asked for (they never LISTEN),
-    so a readable socket means the server said goodbye: a FATAL message or end-of-file. The
-    rare harmless exception (a parameter report after a reload) costs only a reconnect. One
-    non-blocking poll, no round trip; the caller closes a connection this condemns.
+    Nothing arrives on an idle, healthy work connection unless asked for (pgcoord's never
+    LISTEN, and the server reports parameters only with a command's answer), so a readable
+    socket means the server said goodbye: a FATAL message or end-of-file. (A connection lent
+    by ``pool=``/``engine=`` that the host left LISTENing would be replaced too: harmless,
+    a reconnect.) One non-blocking poll, no round trip; the caller closes what this condemns.
     """
     pgconn = conn.pgconn
     if pgconn.status != ConnStatus.OK:

@@ -52,7 +52,7 @@ class WorkSource:
         ``timeout`` seconds (default: the source's own timeout)."""
         conn = self._kept.take()
         if conn is None:
-            conn = await self._borrow(timeout)
+            conn = await self._bounded_borrow(timeout)
             # A pooled connection the server closed while it sat idle (a restart, a
             # terminate) is found here, before anything is sent on it: callers then never
             # need to retry an operation that may already have happened.
@@ -61,7 +61,7 @@ class WorkSource:
                     break
                 await conn.close()
                 await self._return(conn)  # the source discards a closed connection
-                conn = await self._borrow(timeout)
+                conn = await self._bounded_borrow(timeout)
             if not conn.autocommit:
                 try:
                     await conn.set_autocommit(True)
@@ -88,6 +88,20 @@ class WorkSource:
                 with contextlib.suppress(psycopg.Error):
                     await conn.set_autocommit(False)
         await self._return(conn)
+
+    async def _bounded_borrow(self, timeout: float | None) -> Conn:
+        # The source's own wait has its timeout, but a liveness check the host configured
+        # (pool_pre_ping, psycopg_pool's check) runs a statement no timeout covers.
+        if timeout is None:
+            return await self._borrow(None)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._borrow(timeout)
+        except TimeoutError as exc:
+            raise ConnectionFailedError(
+                f"no database connection became available within {timeout:.3g} s "
+                f"({_driver.describe_server(self.dsn)})"
+            ) from exc
 
     async def _borrow(self, timeout: float | None) -> Conn:
         raise NotImplementedError
@@ -164,13 +178,15 @@ class EngineSource(WorkSource):
         timeout = self._timeout if timeout is None else min(timeout, self._timeout)
         self._queued += 1
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout)
-        except TimeoutError:
+            # asyncio.timeout, not wait_for: a free slot is taken even with no time left.
+            async with asyncio.timeout(timeout):
+                await self._slots.acquire()
+        except TimeoutError as exc:
             raise ConnectionFailedError(
                 f"no connection of the engine= pool became available within {timeout:g} s"
                 f" ({_driver.describe_server(self.dsn)}): pgcoord may hold {self._limit} of them"
                 " at once (raise max_connections) and the engine's pool must have room for them"
-            ) from None
+            ) from exc
         finally:
             self._queued -= 1
         try:

@@ -299,7 +299,11 @@ class Listener:
                 await asyncio.sleep(delay)
                 delay = backoff.next()
 
-    async def _apply_channels(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _apply_channels(
+        self, conn: psycopg.AsyncConnection[Any], bound: float | None = None
+    ) -> None:
+        """LISTEN/UNLISTEN what changed, each round trip bounded by ``bound`` seconds (default
+        ``connect_timeout``: right after connecting; while serving, the ping's bound)."""
         # Repeat until nothing changed meanwhile: a listen() made while a LISTEN was in flight
         # must not be released before its own channel is active.
         while True:
@@ -315,7 +319,9 @@ class Listener:
                 for c in sorted(self._active - wanted)
             ]
             # No parameters, so psycopg sends them as one simple-protocol round trip.
-            deadline = asyncio.get_running_loop().time() + self._connect_timeout
+            deadline = asyncio.get_running_loop().time() + (
+                self._connect_timeout if bound is None else bound
+            )
             async with Bounded(conn, deadline, "LISTEN on the listener connection", self._dsn):
                 await conn.execute(sql.SQL("; ").join(statements))
             self._active = wanted
@@ -328,7 +334,9 @@ class Listener:
             # LISTEN/UNLISTEN and the ping are bounded by severing the connection (cancelling
             # a psycopg statement would wait on the stalled socket again, see _deadline).
             bound = min(self._connect_timeout, PING_TIMEOUT)
-            await self._apply_channels(conn)
+            # A LISTEN made while serving is bounded like the ping: a stall met by a LISTEN is
+            # noticed as fast as one met by the heartbeat.
+            await self._apply_channels(conn, bound)
             quiet = time.monotonic() - self._last_rx
             if quiet >= self._heartbeat:
                 # Quiet for a whole beat: prove the connection still works.
@@ -515,5 +523,8 @@ class ListenerView:
             self._listener.remove_lost_hook(lost)
         pairs = list(self._pairs)
         self._hooks, self._lost_hooks, self._pairs = {}, {}, {}
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._listener.unlisten_many(pairs), timeout)
+        # The callbacks go now, whatever happens to the wait for the UNLISTEN after.
+        await self._listener.unlisten_many(pairs, wait=False)
+        if timeout is None or timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._listener.unlisten_many([]), timeout)

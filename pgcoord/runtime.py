@@ -195,15 +195,20 @@ class Borrowed:
                 max(0.0, deadline - asyncio.get_running_loop().time())
             )
         except ConnectionFailedError as exc:
-            if not isinstance(exc.__cause__, PoolTimeout) and not isinstance(
+            if not isinstance(exc.__cause__, PoolTimeout | TimeoutError) and not isinstance(
                 exc, CommandTimeoutError
             ):
                 raise
             raise _deadline.timed_out(
                 f"{self._what} (waiting for a connection)", rt.dsn, self._timeout, sent=False
             ) from exc
-        self._bound = _deadline.Bounded(conn, deadline, self._what, rt.dsn)
-        await self._bound.__aenter__()
+        self._bound = bound = _deadline.Bounded(conn, deadline, self._what, rt.dsn)
+        try:
+            await bound.__aenter__()
+        except BaseException:
+            self._conn = self._bound = None
+            await rt.release(conn)  # the deadline had passed: nothing was sent on it
+            raise
         return conn
 
     async def __aexit__(
@@ -215,7 +220,11 @@ class Borrowed:
         conn, self._conn = self._conn, None
         bound, self._bound = self._bound, None
         assert conn is not None and bound is not None
-        await self._rt.release(conn)
-        await bound.__aexit__(exc_type, exc, tb)  # raises CommandTimeoutError if it severed
+        try:
+            # First: the timer must not outlive the block and sever a connection that is back
+            # in a pool. Raises CommandTimeoutError if it did sever this one.
+            await bound.__aexit__(exc_type, exc, tb)
+        finally:
+            await self._rt.release(conn)
         if isinstance(exc, psycopg.Error | PoolTimeout):
             raise _driver.translate(exc, self._rt.dsn, self._what) from exc

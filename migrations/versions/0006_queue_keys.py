@@ -19,7 +19,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Create ``queue_keys`` and its index on ``created_at`` (for the retention sweep)."""
+    """Create ``queue_keys`` and its index on ``(app, created_at)`` (each app's sweep)."""
     schema = migration_schema()
     op.create_table(
         KEYS,
@@ -33,7 +33,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("app", "channel", "key"),
         schema=schema,
     )
-    op.create_index("queue_keys_created", KEYS, ["created_at"], schema=schema)
+    op.create_index("queue_keys_created", KEYS, ["app", "created_at"], schema=schema)
 
 
 def downgrade() -> None:

@@ -51,7 +51,7 @@ class ClusterLocks:
         self._idle: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
-    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+    async def _connection(self, deadline: float) -> psycopg.AsyncConnection[Any]:
         async with self._open_lock:
             if self._conn is None or self._conn.closed:
                 self._rt.check_running()
@@ -59,7 +59,8 @@ class ClusterLocks:
                 if self._conn is not None:
                     await self._give_back(self._conn)
                 self._held.clear()  # locks of a lost connection are gone with it
-                self._conn = await self._rt.acquire()
+                left = deadline - asyncio.get_running_loop().time()
+                self._conn = await self._rt.acquire(max(0.0, left))
             return self._conn
 
     async def try_lock(self, key: int) -> bool:
@@ -69,9 +70,10 @@ class ClusterLocks:
             self._idle = None
         self._busy += 1
         try:
-            conn = await self._connection()
+            deadline = self._rt.step_deadline()  # one bound for the connection and the try
+            conn = await self._connection(deadline)
             try:
-                async with self._bound(conn, "cache wrap: lock"):
+                async with Bounded(conn, deadline, "cache wrap: lock", self._rt.dsn):
                     cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
                     row = await cur.fetchone()
             except (psycopg.Error, PgcoordError) as exc:

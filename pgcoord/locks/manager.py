@@ -340,7 +340,7 @@ class LockManager(Service):
                 # give that one its turn (its NOTIFY, then its try) instead of racing it.
                 wakeup = asyncio.Event()
                 self._wakeups[channel] = wakeup
-                await self._rt.listener.listen(channel, self._on_wakeup)
+                await self._listen(channel, deadline, name)
                 await self._sleep(wakeup, YIELD_PAUSE, deadline, name)
             while True:
                 try:
@@ -352,6 +352,7 @@ class LockManager(Service):
                         ttl,
                         ttl_ms,
                         conn_deadline,
+                        deadline,
                         wakeup is not None,
                     )
                 except ConnectionFailedError:
@@ -371,7 +372,7 @@ class LockManager(Service):
                     # listening. Then try again at once, this time leaving the mark.
                     wakeup = asyncio.Event()
                     self._wakeups[channel] = wakeup
-                    await self._rt.listener.listen(channel, self._on_wakeup)
+                    await self._listen(channel, deadline, name)
                     continue
                 if newly_wanted:
                     # A release may have run between our try and our mark (try again now), or
@@ -398,12 +399,20 @@ class LockManager(Service):
         ttl: float | None,
         ttl_ms: int,
         deadline: float | None,
+        until: float | None,
         mark: bool,
     ) -> tuple[Lock | None, float | None, bool]:
         """One try on the server: (the lock, None, False) or (None, holder's lease left, newly
         marked). ``deadline`` bounds the wait for a connection."""
         self._check_running()
-        await self._make_room()
+        try:
+            async with asyncio.timeout_at(None if until is None else until + LAST_TRY):
+                await self._make_room()
+        except TimeoutError:
+            raise LockAcquireError(
+                f"the lock {name!r} was not acquired in time: this process's earlier locks were "
+                "still being moved off the connections it needs"
+            ) from None
         try:
             async with asyncio.timeout_at(deadline):
                 conn = await self._rt.acquire()
@@ -419,7 +428,7 @@ class LockManager(Service):
         epoch: int | None = None
         # The try_acquire timeout bounds the statement too, not only the wait for it; a try
         # sent just before the deadline still gets a round trip's worth of time to answer.
-        until = None if deadline is None else max(deadline, loop_time() + LAST_TRY)
+        until = None if until is None else max(until, loop_time() + LAST_TRY)
         bound = self._bound(conn, f"lock acquire {name!r}", until)
         try:
             async with bound:
@@ -430,7 +439,7 @@ class LockManager(Service):
             # Cancelled or failed mid-statement: the lock may or may not have been granted.
             # Closing the session settles it (a closed session holds nothing).
             await self._discard(conn)
-            if bound.fired and deadline is not None and deadline <= loop_time():
+            if bound.fired and until is not None and until <= loop_time():
                 raise LockAcquireError(
                     f"the lock {name!r} was not acquired in time: the server did not answer ({exc})"
                 ) from exc
@@ -466,6 +475,17 @@ class LockManager(Service):
         cur = await conn.execute(query, (str(ttl_ms), advisory_key), binary=True)
         row = await cur.fetchone()
         return (row[0] if row else None), None, False, epoch
+
+    async def _listen(self, channel: str, deadline: float | None, name: str) -> None:
+        """LISTEN for the key's releases, within the try_acquire deadline if there is one."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._rt.listener.listen(channel, self._on_wakeup)
+        except TimeoutError:
+            raise LockAcquireError(
+                f"the lock {name!r} was not acquired in time: it is held, and LISTEN for its "
+                "release did not complete (is the listener's connection stalled?)"
+            ) from None
 
     def _bound(self, conn: Connection, what: str, until: float | None = None) -> Bounded:
         """A bound on one step on a lock's session: ``command_timeout``, or ``until`` (event

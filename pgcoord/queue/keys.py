@@ -5,7 +5,7 @@ job; retrying it blindly can enqueue twice. With a key, the job's id is drawn fi
 recorded under the key in the same statement that inserts the job, so a retry with the same
 key (on this instance or any other) finds the record and returns the first job's id instead of
 inserting another. Keys are remembered for ``queue_idempotency_window`` seconds after their
-publish (whether or not the job has run by then), then swept.
+publish (whether or not the job has run by then), then swept by the instances of their app.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from pgcoord.validation import check_key
 DEFAULT_WINDOW = 86_400.0
 #: Expired keys deleted per sweep statement.
 SWEEP_BATCH = 1000
-#: A sweep runs after this many keyed publishes of one instance.
+#: A sweep runs after this many keyed publishes of one instance...
 SWEEP_EVERY = 500
+#: ... and every this many seconds on every running instance (or the window, if shorter).
+SWEEP_INTERVAL = 60.0
 
 _WAITING = (
     "EXISTS (SELECT 1 FROM {waiters} AS w WHERE w.app = %(app)s AND w.channel = %(channel)s "
@@ -79,9 +81,11 @@ class KeyQueries:
                 "SELECT job_id FROM {keys} "
                 "WHERE app = %(app)s AND channel = %(channel)s AND key = %(key)s"
             ),
+            # One app's window, for that app's keys only: apps sharing a schema never
+            # shorten each other's promises.
             sweep=q(
                 "DELETE FROM {keys} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {keys} "
-                "WHERE created_at < now() - make_interval(secs => %s) LIMIT %s))"
+                "WHERE app = %s AND created_at < now() - make_interval(secs => %s) LIMIT %s))"
             ),
         )
 

@@ -113,6 +113,7 @@ class EventQueue(Service):
             self.option("queue_idempotency_window"), "queue_idempotency_window"
         )
         self._keyed = 0
+        self._last_key_sweep = time.monotonic()
         self._workers: dict[str, Worker] = {}
         #: Unsubscribed workers still in their grace period: their running jobs' leases must
         #: still be renewed, or another instance may run those jobs at the same time.
@@ -329,7 +330,9 @@ class EventQueue(Service):
         async def sweep() -> None:
             with contextlib.suppress(PgcoordError):
                 async with self._rt.connection("queue idempotency key sweep") as conn:
-                    await conn.execute(self._keys.sweep, (self._key_window, keys.SWEEP_BATCH))
+                    await conn.execute(
+                        self._keys.sweep, (self._rt.app, self._key_window, keys.SWEEP_BATCH)
+                    )
 
         task = asyncio.create_task(sweep())
         self._senders.add(task)
@@ -640,6 +643,11 @@ class EventQueue(Service):
 
     async def _renew_once(self) -> None:
         now = time.monotonic()
+        if now - self._last_key_sweep >= min(keys.SWEEP_INTERVAL, self._key_window):
+            # Expired idempotency keys of this app: every running instance sweeps now and
+            # then (one indexed DELETE), so keys cannot pile up whoever published them.
+            self._last_key_sweep = now
+            self._sweep_keys_soon()
         if now - self._last_waiter_refresh >= self._waiter_every - 0.5:
             self._last_waiter_refresh = now
             try:

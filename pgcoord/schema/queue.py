@@ -127,4 +127,4 @@ def define(metadata: MetaData) -> None:
         Column("job_id", BigInteger, nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     )
-    Index("queue_keys_created", keys.c.created_at)
+    Index("queue_keys_created", keys.c.app, keys.c.created_at)

@@ -118,24 +118,62 @@ async def test_try_acquire_timeout_bounds_the_server_round_trip_too(
 
 
 @pytest.mark.parametrize("promoted", [False, True], ids=["on its session", "as a lease row"])
+@pytest.mark.parametrize("op", ["extend", "release"])
 async def test_extend_and_release_on_a_stalled_path_end_within_their_bounds(
-    proxied: tuple[StallProxy, str], promoted: bool
+    proxied: tuple[StallProxy, str], promoted: bool, op: str
 ) -> None:
     async with behind(proxied, command_timeout=COMMAND_TIMEOUT) as (coord, proxy):
-        lock = await coord.lock_manager.acquire("extend", ttl=30.0)
-        released = await coord.lock_manager.acquire("release", ttl=30.0)
+        lock = await coord.lock_manager.acquire("k", ttl=30.0)
         if promoted:
-            await wait_until(lambda: lock.promoted and released.promoted, timeout=5)
+            await wait_until(lambda: lock.promoted, timeout=5)
+        # No await between the stall and the call: a lock still on its session gets the
+        # call before its promotion timer (the call holds the lock's turn until it ends).
         proxy.stall()
-        # extend: LockLostError within command_timeout (sooner when the lease ends first).
-        elapsed, exc = await timed(lock.extend(30.0))
-        assert isinstance(exc, pgcoord.LockLostError), exc
+        assert lock.promoted is promoted
+        elapsed, exc = await timed(lock.extend(30.0) if op == "extend" else lock.release())
+        if op == "extend":
+            assert isinstance(exc, pgcoord.LockLostError), exc
+        else:
+            # release returns (the server's lease or session end frees the lock anyway).
+            assert exc is None
         assert elapsed < COMMAND_TIMEOUT + SLACK
-        assert lock.lost
-        # release: returns (the server's lease frees the lock anyway), never hangs.
-        elapsed, exc = await timed(released.release())
-        assert exc is None
-        assert elapsed < COMMAND_TIMEOUT + SLACK
+        assert not lock.held
+
+
+async def test_a_single_try_on_a_stalled_path_fails_within_a_round_trip(
+    proxied: tuple[StallProxy, str],
+) -> None:
+    async with behind(proxied, command_timeout=30.0) as (coord, proxy):
+        async with coord.lock_manager.lock("warm"):
+            pass
+        proxy.stall()
+        elapsed, exc = await timed(coord.lock_manager.try_acquire("k"))  # timeout=0
+        assert isinstance(exc, pgcoord.LockAcquireError), exc
+        assert elapsed < 0.5 + SLACK  # LAST_TRY
+
+
+async def test_try_acquire_of_a_held_key_ends_in_time_when_only_the_listener_stalls(
+    proxied: tuple[StallProxy, str], dsn: str
+) -> None:
+    from psycopg_pool import AsyncConnectionPool
+
+    holder = pgcoord.Coordinator(dsn, app="stall")
+    await holder.start()
+    # Work connections direct, the listener through the proxy: LISTEN for the key's release
+    # is what stalls.
+    pool = AsyncConnectionPool(dsn, min_size=1, max_size=3, open=False, kwargs={"autocommit": True})
+    await pool.open()
+    try:
+        held = await holder.lock_manager.acquire("k", ttl=30.0)
+        async with behind(proxied, pool=pool, command_timeout=30.0) as (coord, proxy):
+            proxy.stall()
+            elapsed, exc = await timed(coord.lock_manager.try_acquire("k", timeout=2.0))
+            assert isinstance(exc, pgcoord.LockAcquireError), exc
+            assert elapsed < 2.0 + 0.5 + SLACK
+        await held.release()
+    finally:
+        await holder.stop()
+        await pool.close()
 
 
 async def test_extend_ends_by_the_lease_end_when_that_comes_first(
@@ -204,6 +242,21 @@ async def test_start_on_a_stalled_path_fails_within_connect_timeout(
     assert isinstance(exc, pgcoord.ConnectionFailedError), exc
     assert elapsed < 2.0 + SLACK
     assert "127.0.0.1" in str(exc)
+
+
+async def test_a_stall_met_by_a_listen_is_noticed_as_fast_as_by_the_heartbeat(
+    proxied: tuple[StallProxy, str],
+) -> None:
+    heartbeat = 1.0
+    async with behind(proxied, heartbeat=heartbeat) as (coord, proxy):
+        proxy.stall()
+        stalled_at = time.monotonic()
+        # A subscription made during the stall: its LISTEN must not hold the detection up.
+        subscribing = asyncio.create_task(coord.pubsub_manager.subscribe("news", print))
+        await wait_until(lambda: not coord.listener.connected, timeout=30)
+        assert time.monotonic() - stalled_at < heartbeat + PING_TIMEOUT + SLACK
+        proxy.resume()
+        await asyncio.wait_for(subscribing, 30)
 
 
 async def test_a_stalled_listener_is_declared_lost_within_the_heartbeat_and_catches_up(

@@ -121,6 +121,21 @@ async def test_keys_older_than_the_window_are_swept_and_free_again(
     assert again != first
 
 
+async def test_one_apps_short_window_never_sweeps_another_apps_keys(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    from pgcoord.queue import keys
+
+    hasty = await make_coord(app="hasty", queue_idempotency_window=0.2)
+    patient = await make_coord(app="patient")  # the default window: a day
+    first = await patient.event_queue.publish("jobs", {}, idempotency_key="order-1")
+    await asyncio.sleep(0.3)
+    for i in range(keys.SWEEP_EVERY):  # makes the hasty app sweep
+        await hasty.event_queue.publish("jobs", {}, idempotency_key=f"k{i}")
+    await asyncio.sleep(0.5)
+    assert await patient.event_queue.publish("jobs", {}, idempotency_key="order-1") == first
+
+
 @pytest.mark.parametrize(
     ("key", "error"),
     [(17, pgcoord.InvalidTypeError), ("", pgcoord.InvalidInputError), ("x" * 300, ValueError)],
