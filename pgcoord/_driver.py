@@ -151,7 +151,12 @@ def translate(exc: BaseException, dsn: str | None = None, what: str = "") -> Pgc
         return ConnectionFailedError(
             f"lost or could not open the connection to PostgreSQL{where}: {exc}"
         )
-    if isinstance(exc, psycopg.errors.AdminShutdown | psycopg.errors.ConnectionException):
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    if isinstance(exc, psycopg.errors.AdminShutdown | psycopg.errors.ConnectionException) or (
+        # Raised at connect as a plain OperationalError carrying the code: class 08 (e.g.
+        # PgBouncer's "server login has been failing", 08P01) and the 57P0x shutdowns.
+        sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
+    ):
         return ConnectionFailedError(f"the PostgreSQL connection was closed{where}: {exc}")
     if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
         from pgcoord.errors import SchemaOutdatedError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import math
 
+import psycopg
 import pytest
 
 import pgcoord
@@ -144,3 +145,20 @@ def test_every_error_is_exported_and_shares_the_root() -> None:
     assert issubclass(pgcoord.InvalidInputError, ValueError)
     assert issubclass(pgcoord.InvalidTypeError, TypeError)
     assert issubclass(pgcoord.CacheNotFoundError, KeyError)
+
+
+def test_connect_errors_carrying_a_connection_sqlstate_are_connection_failures() -> None:
+    """PgBouncer answers a login while its server is down with 08P01 on a plain
+    OperationalError: that is a lost connection (retryable), not a refused operation."""
+    from pgcoord import _driver
+
+    class LoginFailing(psycopg.OperationalError):
+        sqlstate = "08P01"
+
+    class Refused(psycopg.OperationalError):
+        sqlstate = "42501"
+
+    translated = _driver.translate(LoginFailing("server login has been failing"), "host=h")
+    assert isinstance(translated, pgcoord.ConnectionFailedError)
+    assert "h:5432" in str(translated)
+    assert not isinstance(_driver.translate(Refused("no"), None), pgcoord.ConnectionFailedError)
