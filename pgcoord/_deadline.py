@@ -27,6 +27,7 @@ from typing import Any
 
 import psycopg
 
+from pgcoord._conninfo import describe_server
 from pgcoord.errors import CommandTimeoutError
 
 #: Seconds a database step may take by default (``Coordinator(command_timeout=...)``).
@@ -125,8 +126,6 @@ def timed_out(
 ) -> CommandTimeoutError:
     """The error for a step that outlived its ``bound`` seconds; ``sent``: a statement had
     gone out (then its effect is unknown)."""
-    from pgcoord._driver import describe_server
-
     where = f" on {describe_server(dsn)}" if dsn else ""
     effect = (
         "; its connection was closed, and what it sent may or may not have taken effect"

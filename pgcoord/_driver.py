@@ -20,6 +20,7 @@ import psycopg.conninfo
 from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from pgcoord._conninfo import describe_server as describe_server  # re-exported
 from pgcoord._deadline import Connection
 from pgcoord.errors import ConnectionFailedError, DatabaseError, PgcoordError
 
@@ -111,21 +112,6 @@ def went_away(conn: psycopg.AsyncConnection[Any]) -> bool:
         return bool(poller.poll(0))
     except (psycopg.OperationalError, OSError, ValueError):
         return True
-
-
-def describe_server(dsn: str) -> str:
-    """A human label for the server a DSN points at (``host:port/dbname``), without the password."""
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "<unparsable DSN>"
-    host = str(params.get("host") or params.get("hostaddr") or "")
-    port = str(params.get("port") or "5432")
-    db = str(params.get("dbname") or params.get("user") or "")
-    if not host or host.startswith("/"):
-        # A Unix socket (the embedded server's, or libpq's default directory).
-        return f"unix socket in {host or 'the default directory'} (port {port})/{db}"
-    return f"{host}:{port}/{db}"
 
 
 def connect_kwargs(connect_timeout: float) -> dict[str, Any]:
