@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import select
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgcoord._conninfo import describe_server as describe_server  # re-exported
 from pgcoord._deadline import Connection
+from pgcoord._retry import Backoff
 from pgcoord.errors import ConnectionFailedError, DatabaseError, PgcoordError
 
 log = logging.getLogger("pgcoord")
@@ -55,29 +55,6 @@ _REFUSALS = (
     "remaining connection slots are reserved",
     "too many connections for",
 )
-
-
-class Backoff:
-    """Capped exponential delays with jitter: ``first``, ``2 * first``, ... up to ``cap``.
-
-    Jitter (each delay scaled by a random factor in ``1 +- jitter``) keeps many processes
-    refused at the same moment from retrying in lockstep.
-    """
-
-    def __init__(self, first: float, cap: float, *, jitter: float = 0.2) -> None:
-        self._first = first
-        self._cap = cap
-        self._jitter = jitter
-        self._delay = 0.0
-
-    def next(self) -> float:
-        """The delay before the next attempt."""
-        self._delay = min(max(self._delay * 2, self._first), self._cap)
-        return self._delay * random.uniform(1 - self._jitter, 1 + self._jitter)
-
-    def reset(self) -> None:
-        """Start again from ``first`` (after a success)."""
-        self._delay = 0.0
 
 
 def is_refusal(exc: BaseException) -> bool:
@@ -181,7 +158,7 @@ async def patiently(
         try:
             return await attempt()
         except Exception as exc:
-            delay = backoff.next()
+            delay = backoff.next() or 0.0
             if not is_refusal(exc) or time.monotonic() + delay >= deadline:
                 raise
             log.info("pgcoord: %s refused a connection (%s); retrying", server, exc)

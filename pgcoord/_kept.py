@@ -24,6 +24,7 @@ import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 
 from pgcoord._driver import went_away
+from pgcoord._retry import TaskSet
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -55,7 +56,7 @@ class KeptConnections:
         # (connection, when it was kept): the bottom is the oldest, as pushes only go on top.
         self._stack: list[tuple[Conn, float]] = []
         self._reaper: asyncio.TimerHandle | None = None
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing = TaskSet("kept connections")
 
     def take(self) -> Conn | None:
         """The most recently kept healthy connection, or None (then borrow)."""
@@ -97,9 +98,7 @@ class KeptConnections:
             self._reaper = asyncio.get_running_loop().call_later(wait, self._reap)
 
     def _give_back_later(self, conn: Conn, *, close: bool = False) -> None:
-        task = asyncio.get_running_loop().create_task(self._put(conn, close=close))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing.spawn(self._put(conn, close=close))
 
     async def _put(self, conn: Conn, *, close: bool = False) -> None:
         # The source checks the connection and discards it if broken; a closed one closes it.
@@ -116,5 +115,4 @@ class KeptConnections:
         stack, self._stack = self._stack, []
         for conn, _ in stack:
             await self._put(conn)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        await self._closing.wait()

@@ -26,6 +26,7 @@ from psycopg import sql
 
 from pgcoord import _driver
 from pgcoord._deadline import Bounded
+from pgcoord._retry import Backoff, TaskSet
 from pgcoord.errors import ConnectionFailedError, PgcoordError
 
 log = logging.getLogger("pgcoord.listener")
@@ -91,7 +92,7 @@ class Listener:
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._hook_tasks: set[asyncio.Task[None]] = set()
+        self._hook_tasks = TaskSet("listener")
         self._connected = asyncio.Event()
         self._last_rx = time.monotonic()
         #: How many times the connection was re-established after a loss.
@@ -149,10 +150,7 @@ class Listener:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for hook_task in list(self._hook_tasks):
-            hook_task.cancel()
-        if self._hook_tasks:
-            await asyncio.gather(*self._hook_tasks, return_exceptions=True)
+        await self._hook_tasks.cancel()
         await self._close()
         self._release_waiters()
 
@@ -263,8 +261,7 @@ class Listener:
     async def _run(self) -> None:
         # The first retry is immediate (a terminated backend or a dropped socket usually
         # reconnects at once); later ones back off so a restarting server is not hammered.
-        backoff = _driver.Backoff(_BACKOFF_FIRST, _BACKOFF_MAX)
-        delay = 0.0
+        backoff = Backoff(_BACKOFF_FIRST, _BACKOFF_MAX, immediate=True)
         while True:
             try:
                 if self._conn is None or self._conn.closed:
@@ -280,7 +277,6 @@ class Listener:
                     )
                     self._run_hooks()
                 backoff.reset()
-                delay = 0.0
                 await self._serve(self._conn)
             except asyncio.CancelledError:
                 raise
@@ -289,6 +285,7 @@ class Listener:
                 # A waiter must not hang on a connection that is gone: its channel is LISTENed
                 # again on reconnect, and the reconnect hooks cover the gap.
                 self._release_waiters()
+                delay = backoff.next() or 0.0  # no budget: the listener retries while it runs
                 log.warning(
                     "pgcoord listener lost its connection to %s (%s); reconnecting in %.2f s",
                     _driver.describe_server(self._dsn),
@@ -297,7 +294,6 @@ class Listener:
                 )
                 await self._close()
                 await asyncio.sleep(delay)
-                delay = backoff.next()
 
     async def _apply_channels(
         self, conn: psycopg.AsyncConnection[Any], bound: float | None = None
@@ -379,9 +375,7 @@ class Listener:
 
     def _run_hooks(self) -> None:
         for hook in self._hooks:
-            task = asyncio.create_task(self._run_hook(hook))
-            self._hook_tasks.add(task)
-            task.add_done_callback(self._hook_tasks.discard)
+            self._hook_tasks.spawn(self._run_hook(hook))
 
     @staticmethod
     async def _run_hook(hook: ReconnectHook) -> None:

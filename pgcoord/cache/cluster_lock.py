@@ -28,6 +28,7 @@ import psycopg
 
 from pgcoord import _driver
 from pgcoord._deadline import Bounded
+from pgcoord._retry import TaskSet
 from pgcoord.errors import PgcoordError
 from pgcoord.runtime import Runtime
 
@@ -49,7 +50,7 @@ class ClusterLocks:
         # idle close must not pull the connection from under a statement in flight.
         self._busy = 0
         self._idle: asyncio.TimerHandle | None = None
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing = TaskSet("cache wrap")
 
     async def _connection(self, deadline: float) -> psycopg.AsyncConnection[Any]:
         async with self._open_lock:
@@ -121,9 +122,7 @@ class ClusterLocks:
     def _close_if_idle(self) -> None:
         self._idle = None
         if not self._held and not self._busy and self._conn is not None:
-            task = asyncio.create_task(self._discard(self._conn, only_if_idle=True))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._closing.spawn(self._discard(self._conn, only_if_idle=True))
 
     async def _discard(
         self, expected: psycopg.AsyncConnection[Any] | None = None, *, only_if_idle: bool = False
@@ -155,6 +154,5 @@ class ClusterLocks:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        await self._closing.wait()
         await self._discard()

@@ -29,6 +29,7 @@ import psycopg
 
 from pgcoord import _driver
 from pgcoord._deadline import Bounded
+from pgcoord._retry import Backoff, TaskSet
 from pgcoord.errors import ConnectionFailedError, LockAcquireError, LockLostError, NotRunningError
 from pgcoord.locks import lease
 from pgcoord.locks.keygate import KeyGate, KeyGates
@@ -131,7 +132,7 @@ class LockManager(Service):
         # The token epoch each work session saw (see queries._ACQUIRE_WARM).
         self._epochs: weakref.WeakKeyDictionary[Connection, int] = weakref.WeakKeyDictionary()
         self._stopping = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("locks")
         _MANAGERS.add(self)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -163,8 +164,7 @@ class LockManager(Service):
                     )
         except Exception:
             log.warning("pgcoord: could not free this instance's lease rows at stop")
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.wait()
 
     def _check_running(self) -> None:
         if self._stopped():
@@ -332,7 +332,8 @@ class LockManager(Service):
         # nothing about the lock.
         conn_deadline = None if only_try else deadline
         wakeup: asyncio.Event | None = None
-        retry = Backoff(self._rt.connect_timeout)
+        # Retries after connection failures: 50 ms doubling to 1 s, for connect_timeout.
+        retry = Backoff(0.05, 1.0, jitter=0.0, immediate=True, budget=self._rt.connect_timeout)
         late_check = False
         try:
             if queue and not only_try:
@@ -358,7 +359,7 @@ class LockManager(Service):
                 except ConnectionFailedError:
                     # A pooled session died (server restart, terminate): the pool replaces it.
                     # Go on trying for as long as the connect timeout lets the server come back.
-                    if self._stopped() or not await retry.wait(deadline):
+                    if self._stopped() or not await _pause(retry, deadline):
                         raise
                     continue
                 retry.reset()
@@ -515,10 +516,7 @@ class LockManager(Service):
         self._check_running()
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
+        self._tasks.spawn(work)
 
     def _on_wakeup(self, channel: str, _payload: str) -> None:
         event = self._wakeups.get(channel)
@@ -763,29 +761,14 @@ def loop_time() -> float:
     return asyncio.get_running_loop().time()
 
 
-class Backoff:
-    """Retries after connection failures: 50 ms doubling to 1 s, for ``budget`` seconds."""
-
-    def __init__(self, budget: float) -> None:
-        self._budget = budget
-        self._since: float | None = None
-        self._pause = 0.0
-
-    def reset(self) -> None:
-        """A try went through: the next failure starts a fresh budget."""
-        self._since = None
-        self._pause = 0.0
-
-    async def wait(self, deadline: float | None) -> bool:
-        """Sleep before the next try; False when the budget (or ``deadline``) is spent."""
-        now = asyncio.get_running_loop().time()
-        if self._since is None:
-            self._since = now
-        if now - self._since >= self._budget or (deadline is not None and now >= deadline):
-            return False
-        await asyncio.sleep(self._pause)  # the first retry is immediate
-        self._pause = min(max(self._pause * 2, 0.05), 1.0)
-        return True
+async def _pause(retry: Backoff, deadline: float | None) -> bool:
+    """Sleep before the next try after a connection failure (the first retry is immediate);
+    False when the retry budget or the caller's ``deadline`` is spent."""
+    delay = retry.next()
+    if delay is None or (deadline is not None and loop_time() >= deadline):
+        return False
+    await asyncio.sleep(delay)
+    return True
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

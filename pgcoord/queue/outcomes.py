@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pgcoord._retry import Backoff
 from pgcoord.errors import PgcoordError
 
 log = logging.getLogger("pgcoord.queue")
@@ -102,7 +103,7 @@ class Outcomes:
             await self._idle.wait()
 
     async def _run(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(0.05, 2.0)
         while True:
             await self._event.wait()
             if len(self._done_ids) < FLUSH_MAX:
@@ -110,12 +111,11 @@ class Outcomes:
             self._event.clear()
             try:
                 await self._flush()
-                backoff = 0.05
+                backoff.reset()
             except (PgcoordError, OSError) as exc:
                 # The batch went back into the buffers; the jobs keep their leases meanwhile.
                 log.warning("pgcoord queue: writing job outcomes failed (%s); retrying", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(backoff.next() or 0.0)
                 self._event.set()
                 continue
             if not self.pending():

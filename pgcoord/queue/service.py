@@ -18,6 +18,7 @@ from psycopg import sql
 from pgcoord import codec
 from pgcoord import transaction as txn
 from pgcoord._driver import translated
+from pgcoord._retry import TaskSet
 from pgcoord.errors import InvalidTypeError, JobError, PgcoordError
 from pgcoord.queue import deadletters, keys, queries
 from pgcoord.queue.deadletters import FailedJob
@@ -123,7 +124,7 @@ class EventQueue(Service):
         self._waiter_lock = asyncio.Lock()
         self._notify: dict[str, NotifyState] = {}
         self._pg_channels: dict[str, str] = {}
-        self._senders: set[asyncio.Task[None]] = set()
+        self._senders = TaskSet("queue")  # wake-up NOTIFYs, key sweeps
         self._outcomes = Outcomes(self._write, self._q)
         # Outcome flushes and lease renewals both lock job rows; one at a time per process
         # keeps them from deadlocking each other.
@@ -170,10 +171,7 @@ class EventQueue(Service):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
             self._renewer = None
-        for task in list(self._senders):
-            task.cancel()
-        if self._senders:
-            await asyncio.gather(*self._senders, return_exceptions=True)
+        await self._senders.cancel()
         if any(released):
             # Released jobs should not wait for a poll on the other instances.
             with contextlib.suppress(PgcoordError):
@@ -334,9 +332,7 @@ class EventQueue(Service):
                         self._keys.sweep, (self._rt.app, self._key_window, keys.SWEEP_BATCH)
                     )
 
-        task = asyncio.create_task(sweep())
-        self._senders.add(task)
-        task.add_done_callback(self._senders.discard)
+        self._senders.spawn(sweep())
 
     async def publish_many(
         self,
@@ -519,9 +515,7 @@ class EventQueue(Service):
 
     def _request_notify(self, pg_channel: str, state: NotifyState, delay: float) -> None:
         if state.request(time.monotonic(), delay):
-            task = asyncio.create_task(self._send_notifies(pg_channel, state))
-            self._senders.add(task)
-            task.add_done_callback(self._senders.discard)
+            self._senders.spawn(self._send_notifies(pg_channel, state))
 
     async def _send_notifies(self, pg_channel: str, state: NotifyState) -> None:
         try:

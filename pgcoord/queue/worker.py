@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from pgcoord import codec
+from pgcoord._retry import Backoff, TaskSet
 from pgcoord.errors import PgcoordError
 from pgcoord.queue.backoff import retry_delay
 from pgcoord.queue.context import JobContext, Signal
@@ -86,7 +87,7 @@ class Worker:
         #: Sets ``wake`` when the earliest job known to come due does (see :meth:`wake_in`).
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
-        self._wakers: set[asyncio.Task[None]] = set()  # retries waiting for their outcome
+        self._wakers = TaskSet("queue worker")  # retries waiting for their outcome
         self._executor: ThreadPoolExecutor | None = None
         #: What queue_waiters says about us: True may sleep (wants NOTIFYs), False busy
         #: claiming back-to-back, None not registered (yet, or the write failed).
@@ -148,7 +149,7 @@ class Worker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, float("inf")
-        for waker in list(self._wakers):
+        for waker in self._wakers:
             waker.cancel()
         if self._task is not None:
             # Not cancelled: a claim in flight must come back, so its jobs are run or released.
@@ -231,7 +232,7 @@ class Worker:
         # Registered as possibly asleep before the first claim, so that no job published
         # after that claim can go without a NOTIFY.
         await self._mark(True)
-        backoff = _ERROR_BACKOFF_FIRST
+        backoff = Backoff(_ERROR_BACKOFF_FIRST, _ERROR_BACKOFF_MAX)
         interval = self.opts.interval
         idle = self.opts.idle
         while not self.closing:
@@ -256,16 +257,16 @@ class Worker:
             try:
                 rows, due = await self.queue._claim(self.channel, free)
             except (PgcoordError, OSError) as exc:
+                pause = backoff.next() or 0.0  # no budget: a worker retries while it runs
                 log.warning(
                     "pgcoord queue %r: claim failed (%s); retrying in %.2f s",
                     self.channel,
                     exc,
-                    backoff,
+                    pause,
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _ERROR_BACKOFF_MAX)
+                await asyncio.sleep(pause)
                 continue
-            backoff = _ERROR_BACKOFF_FIRST
+            backoff.reset()
             for row in rows:
                 self._launch(row)
             if len(rows) >= free:
@@ -422,9 +423,7 @@ class Worker:
             # counts its delay from when the outcome writer commits it, which may be later than
             # now under load: wake then too (a wake before it would find the job still leased).
             self.wake_in(delay)
-            waker = asyncio.get_running_loop().create_task(self._wake_after_written(delay))
-            self._wakers.add(waker)
-            waker.add_done_callback(self._wakers.discard)
+            self._wakers.spawn(self._wake_after_written(delay))
         else:
             log.warning(
                 "pgcoord job %s failed for good after %s tries: %s", job.id, retried + 1, summary
