@@ -25,9 +25,11 @@ from pgcoord.errors import (
 )
 from pgcoord.listener import ListenerView
 from pgcoord.locks import LockManager
-from pgcoord.pubsub import Plugin, PubSubManager, SyncMessageManager
+from pgcoord.pubsub import PubSubManager
+from pgcoord.pubsub.engine import Engine as MessageEngine
 from pgcoord.queue import EventQueue
 from pgcoord.runtime import Runtime, Service
+from pgcoord.sync_messages import Plugin, SyncMessageManager
 from pgcoord.validation import check_identifier, check_int, check_positive
 
 log = logging.getLogger("pgcoord")
@@ -164,8 +166,13 @@ class Coordinator:
         )
         self.lock_manager = LockManager(self._rt)
         self.cache_manager = CacheManager(self._rt)
-        self.pubsub_manager = PubSubManager(self._rt)
-        self.sync_message_manager = SyncMessageManager(self._rt, self.pubsub_manager)
+        # One engine carries pub/sub and sync messages (durable pub/sub), built once from the
+        # options of both (the spill and the sync-log retention) and shared by the two managers.
+        messages = MessageEngine.from_options(
+            self._rt, {**PubSubManager.OPTIONS, **SyncMessageManager.OPTIONS}
+        )
+        self.pubsub_manager = PubSubManager(self._rt, messages)
+        self.sync_message_manager = SyncMessageManager(self._rt, messages)
         self.event_queue = EventQueue(self._rt)
         self._services: list[Service] = [
             self.lock_manager,

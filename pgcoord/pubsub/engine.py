@@ -29,7 +29,7 @@ import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, TypeAlias
 
@@ -41,7 +41,13 @@ from pgcoord.pubsub.queries import NOTIFY, SNAPSHOT, Queries
 from pgcoord.pubsub.seen import SeenIds
 from pgcoord.pubsub.subscription import Handler, Subscription
 from pgcoord.runtime import Runtime
-from pgcoord.validation import check_callable, check_key, check_non_negative
+from pgcoord.validation import (
+    check_callable,
+    check_int,
+    check_key,
+    check_non_negative,
+    check_positive,
+)
 
 log = logging.getLogger("pgcoord.pubsub")
 
@@ -74,13 +80,22 @@ class _Channel:
 
 
 class Engine:
-    """Publishing and delivery for one Coordinator; see the module docstring."""
+    """Publishing and delivery for one Coordinator; see the module docstring.
 
-    def __init__(self, rt: Runtime, *, max_payload: int, spill_retention: float) -> None:
+    One engine serves both :class:`~pgcoord.PubSubManager` and
+    :class:`~pgcoord.SyncMessageManager` (sync messages are durable pub/sub): one delivery
+    pipeline keeps commit order across both, and one sweeper keeps the message log they share.
+    Its users call :meth:`subscribe`, :meth:`unsubscribe` and :meth:`publish` with their service
+    tag (which namespaces their Postgres channels) and whether their messages are durable.
+    """
+
+    def __init__(
+        self, rt: Runtime, *, max_payload: int, spill_retention: float, sync_retention: float
+    ) -> None:
         self._rt = rt
         self.max_payload = max_payload
         self.spill_retention = spill_retention
-        self.sync_retention = 120.0
+        self.sync_retention = sync_retention
         self._q = Queries(rt.table("message_log"))
         self._wake = rt.channel("wake", "transactions")
         self._sweep_key = rt.advisory_key("pubsub", "sweep")
@@ -96,6 +111,25 @@ class Engine:
         self._sweeper: asyncio.Task[None] | None = None
         self._running = False
         self._reconnects = 0
+
+    @classmethod
+    def from_options(cls, rt: Runtime, defaults: Mapping[str, Any]) -> Engine:
+        """The engine the Coordinator's options configure: ``pubsub_max_payload``,
+        ``pubsub_spill_retention`` (PubSubManager's) and ``sync_log_retention``
+        (SyncMessageManager's), each else its default from ``defaults``; a bad value raises
+        ValueError/TypeError naming the option."""
+
+        def option(name: str) -> Any:
+            return rt.options.get(name, defaults[name])
+
+        return cls(
+            rt,
+            max_payload=check_int(option("pubsub_max_payload"), "pubsub_max_payload", minimum=1),
+            spill_retention=check_positive(
+                option("pubsub_spill_retention"), "pubsub_spill_retention"
+            ),
+            sync_retention=check_positive(option("sync_log_retention"), "sync_log_retention"),
+        )
 
     # -- names -----------------------------------------------------------------------------
 
@@ -115,7 +149,6 @@ class Engine:
         if self._running:
             return
         self._running = True
-        self._seen.horizon = self.sync_retention + _SEEN_MARGIN
         listener = self._rt.listener
         self._reconnects = listener.reconnects
         await listener.listen(self._wake, self.on_notify)
