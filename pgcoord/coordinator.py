@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgcoord import _deadline, _driver, _pooler, _shared
 from pgcoord import migrate as migrations
 from pgcoord._sources import EngineSource, PoolSource, WorkSource, engine_dsn
-from pgcoord.cache import CacheManager
+from pgcoord.cache import Cache, CacheManager
 from pgcoord.errors import (
     InvalidInputError,
     InvalidTypeError,
@@ -228,7 +228,7 @@ class Coordinator:
         return self._rt.listener
 
     @property
-    def cache(self) -> Any:
+    def cache(self) -> Cache:
         """The default cache, named after ``app``."""
         return self.cache_manager.default_cache
 
