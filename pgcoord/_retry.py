@@ -82,11 +82,13 @@ class Backoff:
 class TaskSet:
     """Background tasks of one component; see the module docstring.
 
-    ``what`` names the component in the log line of a task that failed.
+    ``what`` names the component in the log line of a task that failed; with
+    ``log_failures=False`` the failure is left to whoever awaits the task.
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, *, log_failures: bool = True) -> None:
         self._what = what
+        self._log_failures = log_failures
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(
@@ -100,7 +102,7 @@ class TaskSet:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if self._log_failures and not task.cancelled() and task.exception() is not None:
             log.warning(
                 "pgcoord %s: a background task failed", self._what, exc_info=task.exception()
             )

@@ -35,6 +35,7 @@ from typing import Any, TypeAlias
 
 from pgcoord import codec
 from pgcoord import transaction as txn
+from pgcoord._retry import Backoff, TaskSet
 from pgcoord.errors import PgcoordError
 from pgcoord.pubsub import envelope as wire
 from pgcoord.pubsub.queries import NOTIFY, SNAPSHOT, Queries
@@ -107,7 +108,8 @@ class Engine:
         self._seen = SeenIds(self.sync_retention + _SEEN_MARGIN)
         self._pipeline: deque[Item] = deque()
         self._drainer: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Reads feeding the pipeline: the drainer awaits each one and logs its failure.
+        self._tasks = TaskSet("pub/sub", log_failures=False)
         self._sweeper: asyncio.Task[None] | None = None
         self._running = False
         self._reconnects = 0
@@ -179,7 +181,6 @@ class Engine:
         for sub in self._all_subscriptions():
             await sub.close()
         await asyncio.gather(*(t for t in tasks if t is not current), return_exceptions=True)
-        self._tasks.clear()
         self._snapshots.clear()
         with contextlib.suppress(PgcoordError):
             listener = self._rt.listener
@@ -357,9 +358,7 @@ class Engine:
                 self._drainer = asyncio.create_task(self._drain(), name="pgcoord-message-pipeline")
 
     def _spawn(self, coro: Coroutine[Any, Any, Ready]) -> asyncio.Task[Ready]:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task: asyncio.Task[Ready] = self._tasks.spawn(coro)
         return task
 
     async def _drain(self) -> None:
@@ -402,9 +401,7 @@ class Engine:
     # -- reads -----------------------------------------------------------------------------
 
     async def _read(self, what: str, query: str, params: Sequence[Any]) -> Ready:
-        delay = 0.05
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _READ_RETRY_SECONDS
+        backoff = Backoff(0.05, 2.0, budget=_READ_RETRY_SECONDS)
         while True:
             try:
                 async with self._rt.connection(self._label(what)) as conn:
@@ -412,12 +409,12 @@ class Engine:
                     rows = await cur.fetchall()
                 break
             except PgcoordError as exc:
-                if not self._running or loop.time() > deadline:
+                delay = backoff.next()
+                if not self._running or delay is None:
                     log.error("pgcoord: giving up reading %s: %s", what, exc)
                     return []
                 log.warning("pgcoord: reading %s failed (%s); retrying", what, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
         ready: Ready = []
         for pg, text in rows:
             try:

@@ -128,9 +128,9 @@ def test_5_processes_of_9_coordinators(scale_dsn: str) -> None:
 
 
 LOCKS = 10_000
-# Long enough to acquire 10,000 locks on a slow machine before the first lease ends (the code
-# before issue 9 needed 20 s on 2 busy cores; the issue's acquire-rate goal means a few seconds).
-TTL = 30.0
+# Long enough to acquire 10,000 locks on a slow machine before the first lease ends: about
+# 14 s on 2 quiet cores, 29 s in a CI run sharing them with other suites (30 s was too short).
+TTL = 60.0
 
 
 @pytest.mark.timeout(300)
@@ -172,7 +172,7 @@ def test_10000_locks_held_cost_no_connections_and_expire_when_frozen(scale_dsn: 
         assert while_held <= IDLE_PER_INSTANCE + 2, numbers
 
         holder.stop()  # SIGSTOP: neither releases nor extends from now on
-        send(taker, {"op": "take", "count": LOCKS, "prefix": "held-", "probe": 20, "timeout": 60})
+        send(taker, {"op": "take", "count": LOCKS, "prefix": "held-", "probe": 20, "timeout": 90})
         with PeakSampler(scale_dsn, pids=[taker.pid], per_process_every=0.2) as taking:
             took = await_line(taker, "taken", 240)
         lease_end = held["requested_at"] + TTL  # no lease of the holder ends before this
