@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import psycopg
 
 from pgcoord import names
+from pgcoord._retry import Backoff
 from pgcoord.cache import messages, queries
 from pgcoord.cache.cache import Cache
 from pgcoord.cache.cluster_lock import ClusterLocks
@@ -296,7 +297,7 @@ class CacheManager(Service):
         lock_key = self._rt.advisory_key("cache", f"{cache.ns}\x00{key}")
         flight = (cache.ns, key)
         event = self._wrap_events.setdefault(flight, asyncio.Event())
-        delay = _WRAP_POLL_FIRST
+        poll = Backoff(_WRAP_POLL_FIRST, _WRAP_POLL_MAX, jitter=0.0)
         give_up = asyncio.get_running_loop().time() + self._wrap_timeout
         try:
             while True:
@@ -314,8 +315,7 @@ class CacheManager(Service):
                             await self._notifier.send([("w", cache.ns, key)])
                 # Another instance computes: wait for its NOTIFY (or poll), then re-check.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), delay)
-                delay = min(delay * 2, _WRAP_POLL_MAX)
+                    await asyncio.wait_for(event.wait(), poll.next())
                 value = await cache._lookup(key)
                 if value is not MISSING:
                     return value
