@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -10,6 +10,7 @@ import pytest
 import pgcoord
 from pgcoord import migrate
 from tests.support import (
+    CoordFactory,
     PgServer,
     bouncer_mode,
     migrations_fingerprint,
@@ -113,9 +114,6 @@ def empty_dsn(pg: PgServer, bouncer: Bouncer | None) -> Iterator[str]:
     direct = pg.create_database(name)
     yield bouncer.dsn_for(name) if bouncer is not None else direct
     pg.drop_database(name)
-
-
-CoordFactory = Callable[..., Awaitable[pgcoord.Coordinator]]
 
 
 @pytest.fixture

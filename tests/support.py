@@ -1,4 +1,4 @@
-"""Test helpers: the server under test, per-test databases, processes, backends, restarts.
+"""Test helpers: the server under test, per-test databases, coordinators, processes, restarts.
 
 The server is ``$PGCOORD_TEST_DSN`` when set, else an embedded server in
 ``$PGCOORD_TEST_DATA_DIR`` (default ``<tmp>/pgcoord-test-pgdata``), kept between runs.
@@ -21,12 +21,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
+
+import pgcoord
 
 ROOT = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
@@ -175,6 +177,13 @@ def migrations_fingerprint() -> str:
 def unique_name(prefix: str) -> str:
     """A database name unique to this process and call."""
     return f"{prefix}_{os.getpid()}_{next(_counter)}"
+
+
+# -- coordinators ----------------------------------------------------------------------------
+
+#: What the ``make_coord`` fixture (tests/conftest.py) gives a test: ``await make_coord(app="x",
+#: **options)`` starts a Coordinator on the test database, stopped at the end of the test.
+CoordFactory = Callable[..., Awaitable[pgcoord.Coordinator]]
 
 
 # -- processes -------------------------------------------------------------------------------

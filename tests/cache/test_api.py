@@ -10,7 +10,7 @@ import pytest
 
 import pgcoord
 from pgcoord.cache import Cache
-from tests.conftest import CoordFactory
+from tests.support import CoordFactory
 
 
 @pytest.fixture(params=["postgres", "memory", "near"])

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from tests import support
-from tests.conftest import CoordFactory
+from tests.support import CoordFactory
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 
 from pgcoord.cache.cluster_lock import ClusterLocks
 from pgcoord.cache.manager import CacheManager
-from tests.conftest import CoordFactory
+from tests.support import CoordFactory
 
 
 async def test_a_sweep_cancelled_right_after_its_lock_was_granted_leaves_no_lock(

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 import pgcoord
-from tests.conftest import CoordFactory
-from tests.support import PgServer
+from tests.support import CoordFactory, PgServer
 
 pytestmark = [pytest.mark.restart, pytest.mark.slow]
 

@@ -12,8 +12,7 @@ import pytest
 
 import pgcoord
 from pgcoord import _kept
-from tests.conftest import CoordFactory
-from tests.support import client_backends, limited_role, wait_until
+from tests.support import CoordFactory, client_backends, limited_role, wait_until
 
 wait_for = functools.partial(wait_until, timeout=10.0)
 

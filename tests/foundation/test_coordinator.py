@@ -13,8 +13,7 @@ import psycopg
 import pytest
 
 import pgcoord
-from tests.conftest import CoordFactory
-from tests.support import client_backends
+from tests.support import CoordFactory, client_backends
 
 
 async def test_context_manager_returns_the_started_coordinator(dsn: str) -> None:

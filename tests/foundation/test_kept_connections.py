@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from pgcoord import _kept
-from tests.conftest import CoordFactory
+from tests.support import CoordFactory
 
 
 async def _backend_pid(coord: object) -> int:

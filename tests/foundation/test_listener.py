@@ -10,8 +10,7 @@ import psycopg
 import pytest
 
 import pgcoord
-from tests.conftest import CoordFactory
-from tests.support import PgServer, terminate_backend, wait_until
+from tests.support import CoordFactory, PgServer, terminate_backend, wait_until
 
 wait_for = functools.partial(wait_until, timeout=10.0)
 

@@ -12,8 +12,7 @@ import pytest
 
 import pgcoord
 from pgcoord.locks import lease
-from tests.conftest import CoordFactory
-from tests.support import client_backends, terminate_backend
+from tests.support import CoordFactory, client_backends, terminate_backend
 from tests.support import wait_until as wait_for
 
 APP = "locktest"

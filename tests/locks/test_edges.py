@@ -11,9 +11,8 @@ import psycopg
 import pytest
 
 import pgcoord
-from tests.conftest import CoordFactory
 from tests.locks.test_api import APP, two
-from tests.support import terminate_backend
+from tests.support import CoordFactory, terminate_backend
 from tests.support import wait_until as wait_for
 
 

@@ -9,8 +9,7 @@ import psycopg
 import pytest
 
 import pgcoord
-from tests.conftest import CoordFactory
-from tests.support import Proc, processes, spawn, terminate_backend
+from tests.support import CoordFactory, Proc, processes, spawn, terminate_backend
 
 APP = "locktest"  # the workers' app
 

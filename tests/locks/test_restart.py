@@ -7,9 +7,8 @@ import asyncio
 import pytest
 
 from pgcoord.locks import lease
-from tests.conftest import CoordFactory
 from tests.locks.test_api import APP, wait_for
-from tests.support import PgServer
+from tests.support import CoordFactory, PgServer
 
 
 @pytest.mark.restart

@@ -10,7 +10,7 @@ import pytest
 from psycopg import sql
 
 import pgcoord
-from tests.conftest import CoordFactory
+from tests.support import CoordFactory
 
 APP = "locktest"
 

@@ -9,8 +9,8 @@ import psycopg
 import pytest
 
 import pgcoord
-from tests.conftest import CoordFactory
 from tests.pubsub.helpers import Inbox, settle
+from tests.support import CoordFactory
 
 
 def json_string_of_bytes(size: int, char: str = "x") -> str:

@@ -13,9 +13,8 @@ from psycopg import sql
 
 import pgcoord
 from tests import support
-from tests.conftest import CoordFactory
 from tests.pubsub.helpers import Inbox, settle, until
-from tests.support import PgServer, Proc
+from tests.support import CoordFactory, PgServer, Proc
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import psycopg
 import pytest
 
 import pgcoord
-from tests.conftest import CoordFactory
+from pgcoord.names import pg_channel
 from tests.pubsub.helpers import Inbox, settle, until
+from tests.support import CoordFactory
 
 
 async def test_a_message_reaches_every_subscribed_instance_including_the_sender(
@@ -211,11 +212,11 @@ async def test_an_envelope_for_another_channel_is_dropped(
     # What a hash collision between two channel names would look like on the wire.
     inbox = Inbox()
     await coord.pubsub_manager.subscribe("mine", inbox)
-    pg_channel = coord._rt.channel("pubsub", "mine")
+    wire = pg_channel(coord.schema, coord.app, "pubsub", "mine")
     stray = '{"c":"theirs","s":"x","n":1,"f":0,"m":"stray"}'
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_notify(%s, %s)", (pg_channel, stray))
-        conn.execute("SELECT pg_notify(%s, %s)", (pg_channel, "not json"))
+        conn.execute("SELECT pg_notify(%s, %s)", (wire, stray))
+        conn.execute("SELECT pg_notify(%s, %s)", (wire, "not json"))
     await coord.pubsub_manager.publish("mine", "ok")
     assert await inbox.wait_for(1) == ["ok"]
     await settle()

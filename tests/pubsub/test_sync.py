@@ -8,8 +8,9 @@ import psycopg
 import pytest
 
 import pgcoord
-from tests.conftest import CoordFactory
+from pgcoord.names import advisory_key
 from tests.pubsub.helpers import Inbox, settle, until
+from tests.support import CoordFactory
 
 
 async def test_sync_messages_skip_the_sender_by_default(make_coord: CoordFactory) -> None:
@@ -122,9 +123,8 @@ async def test_only_one_instance_sweeps_at_a_time(make_coord: CoordFactory, dsn:
         conn.execute("UPDATE pgcoord.message_log SET created_at = now() - interval '2 hours'")
         conn.commit()
         # Another instance is sweeping: it holds the sweep lock in its transaction.
-        conn.execute(
-            "SELECT pg_advisory_xact_lock(%s)", (coord._rt.advisory_key("pubsub", "sweep"),)
-        )
+        sweep_key = advisory_key(coord.schema, coord.app, "pubsub", "sweep")
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (sweep_key,))
         assert await coord.pubsub_manager.sweep() == 0
         conn.rollback()
     assert await coord.pubsub_manager.sweep() == 1

@@ -1,4 +1,9 @@
-"""transaction=: a message is delivered if and only if the caller's transaction commits."""
+"""transaction= for messages, beyond "delivered if and only if the caller commits".
+
+That promise is checked for every kind of transaction and every effect by the conformance test
+in tests/foundation/test_transaction.py; here: one NOTIFY per transaction, what is refused, and
+the blocking API.
+"""
 
 from __future__ import annotations
 
@@ -8,87 +13,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
 
 import pgcoord
-from tests.conftest import CoordFactory
-from tests.pubsub.helpers import Inbox, settle
-
-MANAGERS = ["pubsub_manager", "sync_message_manager"]
-
-
-async def pair(make_coord: CoordFactory, manager: str) -> tuple[Any, Inbox]:
-    sender, receiver = await make_coord(), await make_coord()
-    inbox = Inbox()
-    await getattr(receiver, manager).subscribe("tx", inbox)
-    return getattr(sender, manager), inbox
-
-
-@pytest.mark.parametrize("manager", MANAGERS)
-async def test_psycopg_async_rollback_is_never_delivered_commit_exactly_once(
-    make_coord: CoordFactory, dsn: str, manager: str
-) -> None:
-    publisher, inbox = await pair(make_coord, manager)
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        await publisher.publish("tx", "rolled back", transaction=conn)
-        await conn.rollback()
-        await publisher.publish("tx", "committed", transaction=conn)
-        await settle()
-        assert inbox.messages == []  # not before the commit
-        await conn.commit()
-        async with conn.transaction():
-            await publisher.publish("tx", "in a block", transaction=conn)
-    assert await inbox.wait_for(2) == ["committed", "in a block"]
-    await settle()
-    assert inbox.messages == ["committed", "in a block"]
-
-
-@pytest.mark.parametrize("manager", MANAGERS)
-async def test_psycopg_sync_connection(make_coord: CoordFactory, dsn: str, manager: str) -> None:
-    publisher, inbox = await pair(make_coord, manager)
-    with psycopg.connect(dsn) as conn:
-        await publisher.publish("tx", "rolled back", transaction=conn)
-        conn.rollback()
-        await publisher.publish("tx", "committed", transaction=conn)
-        conn.commit()
-    assert await inbox.wait_for(1) == ["committed"]
-    await settle()
-    assert inbox.messages == ["committed"]
-
-
-@pytest.mark.parametrize("manager", MANAGERS)
-async def test_sqlalchemy_session(make_coord: CoordFactory, dsn: str, manager: str) -> None:
-    publisher, inbox = await pair(make_coord, manager)
-    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn))
-    try:
-        with Session(engine) as session:
-            await publisher.publish("tx", "rolled back", transaction=session)
-            session.rollback()
-            await publisher.publish("tx", "committed", transaction=session)
-            session.commit()
-    finally:
-        engine.dispose()
-    assert await inbox.wait_for(1) == ["committed"]
-    await settle()
-    assert inbox.messages == ["committed"]
-
-
-async def test_sqlalchemy_async_session(make_coord: CoordFactory, dsn: str) -> None:
-    publisher, inbox = await pair(make_coord, "sync_message_manager")
-    engine = create_async_engine(
-        "postgresql+psycopg://", async_creator=lambda: psycopg.AsyncConnection.connect(dsn)
-    )
-    try:
-        async with AsyncSession(engine) as session:
-            await publisher.publish("tx", "rolled back", transaction=session)
-            await session.rollback()
-            await publisher.publish("tx", "committed", transaction=session)
-            await session.commit()
-    finally:
-        await engine.dispose()
-    assert await inbox.wait_for(1) == ["committed"]
+from pgcoord.names import pg_channel
+from tests.pubsub.helpers import Inbox
+from tests.support import CoordFactory
 
 
 async def test_a_transaction_notifies_once_however_many_messages_it_publishes(
@@ -101,8 +30,12 @@ async def test_a_transaction_notifies_once_however_many_messages_it_publishes(
         await receiver.sync_message_manager.subscribe(channel, inbox)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as spy:
         # Listen on every channel pgcoord could NOTIFY for these publishes.
-        channels = [sender._rt.channel("wake", "transactions")]
-        channels += [sender._rt.channel(tag, c) for tag in ("pubsub", "sync") for c in "ab"]
+        channels = [pg_channel(sender.schema, sender.app, "wake", "transactions")]
+        channels += [
+            pg_channel(sender.schema, sender.app, tag, c)
+            for tag in ("pubsub", "sync")
+            for c in "ab"
+        ]
         for channel in channels:
             await spy.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
         async with await psycopg.AsyncConnection.connect(dsn) as conn:

@@ -12,7 +12,7 @@ import pytest
 
 import pgcoord
 from pgcoord.queue import cli
-from tests.conftest import CoordFactory
+from tests.support import CoordFactory
 
 
 def _run(argv: list[str]) -> int:

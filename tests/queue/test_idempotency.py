@@ -9,8 +9,8 @@ import psycopg
 import pytest
 
 import pgcoord
-from tests.conftest import CoordFactory
 from tests.faults.proxy import stall_proxy
+from tests.support import CoordFactory
 
 
 def job_count(dsn: str, channel: str) -> int:

@@ -18,8 +18,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 import pgcoord
-from tests.conftest import CoordFactory
-from tests.support import processes, spawn
+from tests.support import CoordFactory, processes, spawn
 from tests.support import wait_until as _until
 
 #: No safety poll, no `interval` poll within any test here.

@@ -1,7 +1,8 @@
-"""Several real worker processes on one queue: exactly once, kill -9 rescue, frozen worker."""
+"""Several real worker processes on one queue: exactly once, kill -9 rescue, frozen workers."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -9,7 +10,7 @@ import psycopg
 import pytest
 
 import pgcoord
-from tests.support import Proc, processes, spawn
+from tests.support import Proc, processes, spawn, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +138,51 @@ async def test_frozen_worker_loses_its_job_and_cannot_complete_it(dsn: str) -> N
         for proc in (frozen, rescuer):
             proc.send({"quit": True})
             proc.expect("stopped")
+
+
+async def test_a_retried_dead_letter_never_reuses_a_fencing_token(dsn: str) -> None:
+    # A worker freezes holding the job; this process takes the job over, fails it into the dead
+    # letters, and runs it again once an operator retries it. That run's attempt (the fencing
+    # token) must be new, or the frozen worker's late success would count as its outcome.
+    attempts: list[int] = []
+    release = asyncio.Event()
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        attempts.append(ctx.attempt)
+        if len(attempts) == 1:
+            raise RuntimeError("boom")  # no retries left: dead-lettered
+        await release.wait()
+
+    with processes() as procs:
+        frozen = spawn(
+            "tests.workers.queue_worker", "work", "--mode", "hold", "--lease", "1", dsn=dsn
+        )
+        procs.append(frozen)
+        await asyncio.to_thread(frozen.expect, "ready")
+        async with pgcoord.Coordinator(dsn, heartbeat=1.0) as coord:
+            eq = coord.event_queue
+            job = await eq.publish("work", "x")
+            holding = await asyncio.to_thread(frozen.expect, "holding")
+            assert holding == {"holding": job, "attempt": 1}
+            frozen.stop()  # SIGSTOP: it can neither renew nor finish, and its lease runs out
+            await eq.subscribe("work", process=process, interval=0.05)
+            deadline = time.monotonic() + 30
+            while [f.id for f in await eq.failed_jobs()] != [job]:
+                assert time.monotonic() < deadline, "the job was never taken over and failed"
+                await asyncio.sleep(0.05)
+            assert await eq.retry_failed() == [job]
+            await wait_until(lambda: len(attempts) == 2)
+            assert 1 < attempts[0] < attempts[1]
+
+            # The frozen worker wakes up and reports success for its try; stopping it then
+            # flushes every outcome it still had, so its late one has been written by now.
+            frozen.send({"finish": job})
+            frozen.cont()
+            assert (await asyncio.to_thread(frozen.expect, "ended"))["ended"] == job
+            frozen.send({"quit": True})
+            await asyncio.to_thread(frozen.expect, "stopped")
+            assert _rows(dsn, "SELECT id, attempt FROM pgcoord.queue_jobs") == [(job, attempts[1])]
+
+            release.set()  # the retried run's own success is the one that counts
+            await wait_until(lambda: _queue_empty(dsn))
+            assert await eq.failed_jobs() == []

@@ -6,7 +6,7 @@ import asyncio
 
 import psycopg
 
-from tests.conftest import CoordFactory
+from tests.support import CoordFactory
 
 
 async def test_publish_and_process(make_coord: CoordFactory, dsn: str) -> None:
