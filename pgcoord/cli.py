@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Sequence
 
-from pgcoord.coordinator import DSN_ENV
+from pgcoord.dsn import DSN_ENV, resolve_or_embedded
 from pgcoord.errors import PgcoordError
 
-
-def resolve_cli_dsn(dsn: str | None) -> str:
-    """``--dsn``, else ``$PGCOORD_DSN``, else the embedded server (started if needed)."""
-    chosen = dsn or os.environ.get(DSN_ENV)
-    if chosen:
-        return chosen
-    from pgcoord.embedded import ensure_server
-
-    return ensure_server()
+#: ``--dsn``, else ``$PGCOORD_DSN``, else the embedded server (started if needed).
+resolve_cli_dsn = resolve_or_embedded
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from pgcoord import _deadline, _driver, _pooler, _shared
 from pgcoord import migrate as migrations
 from pgcoord._sources import EngineSource, PoolSource, WorkSource, engine_dsn
 from pgcoord.cache import Cache, CacheManager
+from pgcoord.dsn import DSN_ENV, resolve_dsn
 from pgcoord.errors import (
     InvalidInputError,
     InvalidTypeError,
@@ -34,7 +35,6 @@ from pgcoord.validation import check_identifier, check_int, check_positive
 
 log = logging.getLogger("pgcoord")
 
-DSN_ENV = "PGCOORD_DSN"
 #: The oldest server pgcoord runs on (PostgreSQL 15).
 MIN_SERVER_VERSION = 150000
 #: Default bound on the server connections one process's pgcoord opens on one server.
@@ -49,11 +49,6 @@ _SERVICE_CLASSES: tuple[type[Service], ...] = (
     SyncMessageManager,
     EventQueue,
 )
-
-
-def resolve_dsn(dsn: str | None) -> str | None:
-    """The DSN to use: the argument, else ``$PGCOORD_DSN``; None means the embedded server."""
-    return dsn or os.environ.get(DSN_ENV) or None
 
 
 def new_instance_id() -> str:

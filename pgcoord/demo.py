@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import pgcoord
-from pgcoord.cli import resolve_cli_dsn
+from pgcoord.dsn import resolve_or_embedded
 
 _APP = "demo"
 _JOBS_PER_INSTANCE = 5
@@ -114,7 +114,7 @@ async def run_demo(*, dsn: str | None, instances: int = 2) -> int:
     if instances < 2:
         print("pgcoord demo needs at least 2 instances", file=sys.stderr)
         return 2
-    server = await asyncio.to_thread(resolve_cli_dsn, dsn)
+    server = await asyncio.to_thread(resolve_or_embedded, dsn)
     print(f"pgcoord demo: PostgreSQL at {pgcoord._driver.describe_server(server)}", flush=True)
     demo_schema_reset = pgcoord.Coordinator(server, app=_APP, migrate=True)
     async with demo_schema_reset:

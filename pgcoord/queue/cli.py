@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,19 +17,13 @@ from typing import Any
 import psycopg
 
 from pgcoord import _driver
+from pgcoord.dsn import DSN_ENV, resolve_or_embedded
 from pgcoord.queue import deadletters, queries
 from pgcoord.validation import check_identifier
 
-DSN_ENV = "PGCOORD_DSN"
-
 
 def _dsn(args: argparse.Namespace) -> str:
-    dsn: str | None = getattr(args, "dsn", None) or os.environ.get(DSN_ENV)
-    if dsn:
-        return dsn
-    from pgcoord.embedded import ensure_server
-
-    return ensure_server()
+    return resolve_or_embedded(getattr(args, "dsn", None))
 
 
 def _run(args: argparse.Namespace, action: Callable[..., Awaitable[int]]) -> int:
