@@ -236,7 +236,7 @@ class EventQueue(Service):
         )
         if channel in self._workers:
             await self.unsubscribe(channel)
-        worker = Worker(self, channel, opts)
+        worker = Worker(_WorkerPort(self), channel, opts)
         self._workers[channel] = worker
         if self._started:
             await self._activate(worker)
@@ -725,3 +725,49 @@ class EventQueue(Service):
         """Wait until every finished try of this instance is written to the database."""
         with translated():
             await self._outcomes.drain()
+
+
+class _WorkerPort:
+    """The :class:`~pgcoord.queue.ports.WorkerHost` an :class:`EventQueue` gives its workers:
+    the few things they use, without making them public on the queue itself."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: EventQueue) -> None:
+        self._queue = queue
+
+    @property
+    def outcomes(self) -> Outcomes:
+        """Where outcomes go."""
+        return self._queue._outcomes
+
+    @property
+    def batch(self) -> int:
+        """``queue_batch``."""
+        return self._queue._batch
+
+    @property
+    def idle_poll(self) -> float:
+        """``queue_idle_poll``."""
+        return self._queue._idle_poll
+
+    @property
+    def max_interruptions(self) -> int:
+        """``queue_max_interruptions``."""
+        return self._queue._max_interruptions
+
+    def pg_channel(self, channel: str) -> str:
+        """The Postgres channel announcing jobs of ``channel``."""
+        return self._queue._pg_channel(channel)
+
+    def listening(self) -> bool:
+        """Whether NOTIFYs can reach the workers now."""
+        return self._queue._listening()
+
+    async def claim(self, channel: str, n: int) -> tuple[list[tuple[Any, ...]], float | None]:
+        """Claim up to ``n`` jobs of ``channel``."""
+        return await self._queue._claim(channel, n)
+
+    async def set_waiter(self, channel: str, idle: bool) -> None:
+        """Record whether this instance's worker of ``channel`` may be asleep."""
+        await self._queue._set_waiter(channel, idle)

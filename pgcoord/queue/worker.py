@@ -28,7 +28,7 @@ from pgcoord.queue.context import JobContext, Signal
 from pgcoord.queue.options import SubscribeOptions
 
 if TYPE_CHECKING:
-    from pgcoord.queue.service import EventQueue
+    from pgcoord.queue.ports import WorkerHost
 
 log = logging.getLogger("pgcoord.queue")
 
@@ -74,11 +74,11 @@ class RunningJob:
 class Worker:
     """Claims and runs the jobs of one channel on this instance."""
 
-    def __init__(self, queue: EventQueue, channel: str, opts: SubscribeOptions) -> None:
+    def __init__(self, queue: WorkerHost, channel: str, opts: SubscribeOptions) -> None:
         self.queue = queue
         self.channel = channel
         self.opts = opts
-        self.pg_channel = queue._rt.channel("queue", channel)
+        self.pg_channel = queue.pg_channel(channel)
         self.running: dict[int, RunningJob] = {}
         self.wake = asyncio.Event()
         self.slot = asyncio.Event()
@@ -121,7 +121,7 @@ class Worker:
 
     async def _wake_after_written(self, delay: float) -> None:
         with contextlib.suppress(Exception):
-            await self.queue._outcomes.drain()
+            await self.queue.outcomes.drain()
             self.wake_in(delay)
 
     def _on_timer(self) -> None:
@@ -179,7 +179,7 @@ class Worker:
     # -- claiming --------------------------------------------------------------------------
 
     def _free(self) -> int:
-        batch: int = self.queue._batch
+        batch: int = self.queue.batch
         limit = self.opts.concurrency
         if limit is None and not self.opts.is_async:
             # Sync handlers run on a bounded pool: a job claimed beyond it would sit leased,
@@ -214,7 +214,7 @@ class Worker:
         if self.idle_state is idle:
             return True
         try:
-            await self.queue._set_waiter(self.channel, idle)
+            await self.queue.set_waiter(self.channel, idle)
         except (PgcoordError, OSError) as exc:
             # Producers then may skip NOTIFYs we would want: polling still finds the jobs.
             log.warning(
@@ -255,7 +255,7 @@ class Worker:
             # Cleared before the claim: a NOTIFY arriving while it runs is not lost.
             self.wake.clear()
             try:
-                rows, due = await self.queue._claim(self.channel, free)
+                rows, due = await self.queue.claim(self.channel, free)
             except (PgcoordError, OSError) as exc:
                 pause = backoff.next() or 0.0  # no budget: a worker retries while it runs
                 log.warning(
@@ -293,8 +293,8 @@ class Worker:
         # NOTIFYs wake us, so only the safety net remains, unless the listener is down: then
         # nothing would wake us, and we poll every `interval` until it is back (its reconnect
         # hook wakes us too, for the NOTIFYs lost meanwhile).
-        if self.queue._listening():
-            return float(self.queue._idle_poll)
+        if self.queue.listening():
+            return float(self.queue.idle_poll)
         return self.opts.interval
 
     async def _sleep(self, event: asyncio.Event, timeout: float) -> None:
@@ -311,14 +311,14 @@ class Worker:
         # `base` is where `attempt` stood when the job last left the dead letters (which
         # resets `retried` but not `attempt`): earlier claims belong to its previous life.
         interrupted = attempt - base - retried - 1
-        if interrupted >= self.queue._max_interruptions:
+        if interrupted >= self.queue.max_interruptions:
             error = (
                 f"JobInterrupted: job {job_id} was claimed {interrupted} times without an outcome "
                 "(its worker died, froze past the lease, or stopped); it may be crashing its "
                 "workers, so it is dead-lettered instead of run again"
             )
             log.error("pgcoord queue %r: %s", self.channel, error)
-            self.queue._outcomes.fail(job_id, attempt, error, "")
+            self.queue.outcomes.fail(job_id, attempt, error, "")
             self.slot.set()
             return
         job = RunningJob(job_id, attempt, self._generation)
@@ -411,14 +411,14 @@ class Worker:
         if job.timed_out:
             error = TimeoutError(f"job {job.id} exceeded its timeout of {timeout:g} s")
         if error is None:
-            queue._outcomes.complete(job.id, attempt)
+            queue.outcomes.complete(job.id, attempt)
             return
         text = "".join(traceback.format_exception(error))
         summary = f"{type(error).__name__}: {error}"
         if retried < max_retries:
             log.info("pgcoord job %s failed (%s); retry %s", job.id, summary, retried + 1)
             delay = retry_delay(retried)
-            queue._outcomes.retry(job.id, attempt, delay)
+            queue.outcomes.retry(job.id, attempt, delay)
             # The retry comes due while we may be asleep: no NOTIFY announces it. The server
             # counts its delay from when the outcome writer commits it, which may be later than
             # now under load: wake then too (a wake before it would find the job still leased).
@@ -428,4 +428,4 @@ class Worker:
             log.warning(
                 "pgcoord job %s failed for good after %s tries: %s", job.id, retried + 1, summary
             )
-            queue._outcomes.fail(job.id, attempt, summary, text)
+            queue.outcomes.fail(job.id, attempt, summary, text)
