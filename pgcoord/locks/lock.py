@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import enum
 import inspect
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import psycopg
 
@@ -31,9 +32,10 @@ from pgcoord.validation import check_callable
 
 if TYPE_CHECKING:
     from pgcoord.locks.keygate import KeyGate
-    from pgcoord.locks.manager import LockManager
 
 log = logging.getLogger("pgcoord.locks")
+
+Connection = psycopg.AsyncConnection[Any]
 
 #: A lock held this long moves from its session to a lease row (and its connection goes back).
 #: Short enough that held locks cost connections only for a moment; long enough that ordinary
@@ -66,6 +68,59 @@ class _State(enum.Enum):
     HELD = "held"
     RELEASED = "released"
     LOST = "lost"
+
+
+class LockHost(Protocol):
+    """What a :class:`Lock` needs from the manager that made it (``LockManager`` implements it
+    with a port object), so a held lock reaches none of the manager's internals."""
+
+    def check_running(self) -> None:
+        """Raise NotRunningError once the Coordinator stops."""
+
+    def stopped(self) -> bool:
+        """Whether the Coordinator is stopping or stopped."""
+
+    def holder_identity(self) -> tuple[tuple[int, datetime.datetime], int] | None:
+        """The LISTEN session a lease row names ((pid, backend start), generation), if up."""
+
+    def holder_identity_generation(self) -> int | None:
+        """Which listener connection the identity belongs to (None: none connected)."""
+
+    def holder_pid(self) -> int | None:
+        """The pid of this process's LISTEN session."""
+
+    def hand_over(self, lock: Lock) -> bool:
+        """Whether releasing ``lock`` may pass its session to the next task of this process."""
+
+    def handed_over(self, lock: Lock, conn: Connection) -> None:
+        """``lock`` was released by passing ``conn`` (still holding the key) on."""
+
+    async def release(self, lock: Lock, conn: Connection | None) -> bool:
+        """Let go on the server (session unlock or lease-row delete); False: it was gone."""
+
+    async def extend(self, lock: Lock, conn: Connection | None, ttl: float | None) -> bool:
+        """Restart the lease on the server; False when it had already ended."""
+
+    async def promote(
+        self,
+        lock: Lock,
+        conn: Connection,
+        pid: int,
+        start: datetime.datetime,
+        left: float | None,
+    ) -> bool:
+        """Move the lock from its session to a lease row naming the LISTEN session."""
+
+    def promoted(self, lock: Lock, conn: Connection) -> None:
+        """The promotion committed: give the session back."""
+
+    async def give_back(self, conn: Connection) -> None:
+        """Return a session that holds nothing any more."""
+
+    def lock_done(
+        self, lock: Lock, conn: Connection | None, *, reuse: bool, yielded: bool = False
+    ) -> None:
+        """``lock`` ended (released or lost): forget it, return or close its session."""
 
 
 class Lock:
@@ -106,7 +161,7 @@ class Lock:
 
     def __init__(
         self,
-        manager: LockManager,
+        manager: LockHost,
         key: str,
         advisory_key: int,
         channel: str,
@@ -192,7 +247,7 @@ class Lock:
             return None
         if self._conn is not None:
             return self._conn.info.backend_pid
-        return self._manager._holder_pid()
+        return self._manager.holder_pid()
 
     def _holding(self) -> bool:
         # A method, not an inline comparison: the state changes across awaits.
@@ -277,7 +332,7 @@ class Lock:
     def _finish(self, *, reuse: bool) -> None:
         self._disarm()
         conn, self._conn = self._conn, None
-        self._manager._lock_done(self, conn, reuse=reuse)
+        self._manager.lock_done(self, conn, reuse=reuse)
 
     def force_lost(self) -> None:
         """Called by the manager when the Coordinator stops: the lock ends with it."""
@@ -322,9 +377,9 @@ class Lock:
             if self._expired():
                 self._lose("its ttl passed before it was promoted")
                 return
-            if self._manager._stopped():
+            if self._manager.stopped():
                 return  # stop() ends every lock; a row written now would outlive it
-            identity = self._manager._holder_identity()
+            identity = self._manager.holder_identity()
             if identity is None:
                 # No live LISTEN session to name as holder: stay on the session, but make sure
                 # it still exists (reading what the server sent resets no idle timer).
@@ -336,7 +391,7 @@ class Lock:
             (pid, start), generation = identity
             left = None if self._deadline is None else self._deadline - lease.now()
             try:
-                promoted = await self._manager._promote(self, conn, pid, start, left)
+                promoted = await self._manager.promote(self, conn, pid, start, left)
             except asyncio.CancelledError:
                 # The Coordinator is stopping: the session is closed, which frees the lock.
                 self._lose("the Coordinator stopped while it was being promoted", logging.INFO)
@@ -349,8 +404,8 @@ class Lock:
                 return
             self._conn = None
             self._generation = generation
-            self._manager._promoted(self, conn)
-            if self._manager._holder_identity_generation() != generation:
+            self._manager.promoted(self, conn)
+            if self._manager.holder_identity_generation() != generation:
                 self.on_listener_lost()  # it ended while the promotion was under way
         finally:
             self._end()
@@ -373,15 +428,15 @@ class Lock:
                 self._lose("its ttl passed before release")
                 return
             conn = self._conn
-            if conn is not None and self._manager._hand_over(self):
+            if conn is not None and self._manager.hand_over(self):
                 # The next task of this process takes the session, still holding the key.
                 self._state = _State.RELEASED
                 self._disarm()
                 self._conn = None
-                self._manager._handed_over(self, conn)
+                self._manager.handed_over(self, conn)
                 return
             try:
-                released = await self._manager._release(self, self._conn)
+                released = await self._manager.release(self, self._conn)
             except BaseException as exc:
                 self._lose(f"release failed ({exc!r})")
                 if isinstance(exc, psycopg.Error | PgcoordError):
@@ -395,11 +450,11 @@ class Lock:
             conn, self._conn = self._conn, None
             # Let go while a task of this process queues behind: it waits with the others.
             # Done before the await below, so a cancel there cannot leak the key's gate.
-            self._manager._lock_done(self, None, reuse=True, yielded=self._gate.has_waiter())
+            self._manager.lock_done(self, None, reuse=True, yielded=self._gate.has_waiter())
             if conn is not None:
                 # Back before the next acquisition of this task borrows: a busy loop keeps
                 # reusing the same warm connection.
-                await self._manager._give_back(conn)
+                await self._manager.give_back(conn)
         finally:
             self._end()
 
@@ -410,7 +465,7 @@ class Lock:
         lock was released, :class:`~pgcoord.errors.NotRunningError` after the Coordinator stopped.
         """
         new_ttl = self._ttl if ttl is SAME else lease.check_ttl(ttl)
-        self._manager._check_running()
+        self._manager.check_running()
         await self._begin()
         try:
             if self._state is _State.RELEASED:
@@ -423,7 +478,7 @@ class Lock:
                 )
             sent_at = lease.now()
             try:
-                extended = await self._manager._extend(self, self._conn, new_ttl)
+                extended = await self._manager.extend(self, self._conn, new_ttl)
             except BaseException as exc:
                 self._lose(f"extend failed ({exc!r})")
                 if isinstance(exc, psycopg.Error | PgcoordError):
@@ -454,7 +509,7 @@ class Lock:
         if ttl is not SAME:
             await self.extend(ttl)
         else:
-            self._manager._check_running()
+            self._manager.check_running()
             if self._state is _State.RELEASED:
                 raise LockError(f"the lock {self._key!r} was released; acquire it again")
             if self.lost:
@@ -478,7 +533,7 @@ class Lock:
         """Release, raising :class:`LockLostError` when the lease ended before the release."""
         if self.lost:
             self._lose("its ttl passed while it was held")
-            self._manager._check_running()  # stopping the Coordinator ended it: say so
+            self._manager.check_running()  # stopping the Coordinator ended it: say so
             raise LockLostError(
                 f"the lock {self._key!r} (token {self._token}) was lost while held: its lease "
                 "ended (ttl passed or session died) before the release, so another holder may "

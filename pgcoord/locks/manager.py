@@ -121,6 +121,7 @@ class LockManager(Service):
         check_int(self.option("lock_key_connections"), "lock_key_connections", minimum=1)
         check_positive(self.option("lock_idle_timeout"), "lock_idle_timeout")
         self._queries = LockQueries.for_schema(runtime.schema)
+        self._port = _LockPort(self)  # what each Lock may call back
         # One task per key on the server: the session holding a key re-enters it, so tasks
         # of this process are kept apart here, FIFO.
         self._gates = KeyGates(1, self._orphaned)
@@ -268,7 +269,7 @@ class LockManager(Service):
             self._check_running()
             return None
         lock = Lock(
-            self,
+            self._port,
             name,
             advisory_key,
             channel,
@@ -456,7 +457,7 @@ class LockManager(Service):
             await self._discard(conn)
             raise NotRunningError(f"the pgcoord Coordinator stopped while acquiring {name!r}")
         token = self._token(conn, token, epoch)
-        lock = Lock(self, name, advisory_key, channel, gate, conn, token, ttl, sent_at)
+        lock = Lock(self._port, name, advisory_key, channel, gate, conn, token, ttl, sent_at)
         self._held.add(lock)
         self._sessions[lock] = None
         return lock, None, False
@@ -799,3 +800,73 @@ class LockContext:
         lock, self._lock = self._lock, None
         if lock is not None:
             await lock.__aexit__(exc_type, exc, tb)
+
+
+class _LockPort:
+    """The :class:`~pgcoord.locks.lock.LockHost` a :class:`LockManager` gives its locks."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, manager: LockManager) -> None:
+        self._m = manager
+
+    def check_running(self) -> None:
+        """Raise NotRunningError once the Coordinator stops."""
+        self._m._check_running()
+
+    def stopped(self) -> bool:
+        """Whether the Coordinator is stopping or stopped."""
+        return self._m._stopped()
+
+    def holder_identity(self) -> tuple[tuple[int, datetime.datetime], int] | None:
+        """The LISTEN session a lease row names, if up."""
+        return self._m._holder_identity()
+
+    def holder_identity_generation(self) -> int | None:
+        """Which listener connection the identity belongs to."""
+        return self._m._holder_identity_generation()
+
+    def holder_pid(self) -> int | None:
+        """The pid of this process's LISTEN session."""
+        return self._m._holder_pid()
+
+    def hand_over(self, lock: Lock) -> bool:
+        """Whether releasing ``lock`` may pass its session on."""
+        return self._m._hand_over(lock)
+
+    def handed_over(self, lock: Lock, conn: Connection) -> None:
+        """``lock`` was released by passing ``conn`` on."""
+        self._m._handed_over(lock, conn)
+
+    async def release(self, lock: Lock, conn: Connection | None) -> bool:
+        """Let go on the server."""
+        return await self._m._release(lock, conn)
+
+    async def extend(self, lock: Lock, conn: Connection | None, ttl: float | None) -> bool:
+        """Restart the lease on the server."""
+        return await self._m._extend(lock, conn, ttl)
+
+    async def promote(
+        self,
+        lock: Lock,
+        conn: Connection,
+        pid: int,
+        start: datetime.datetime,
+        left: float | None,
+    ) -> bool:
+        """Move the lock to a lease row."""
+        return await self._m._promote(lock, conn, pid, start, left)
+
+    def promoted(self, lock: Lock, conn: Connection) -> None:
+        """The promotion committed."""
+        self._m._promoted(lock, conn)
+
+    async def give_back(self, conn: Connection) -> None:
+        """Return a session that holds nothing any more."""
+        await self._m._give_back(conn)
+
+    def lock_done(
+        self, lock: Lock, conn: Connection | None, *, reuse: bool, yielded: bool = False
+    ) -> None:
+        """``lock`` ended: forget it, return or close its session."""
+        self._m._lock_done(lock, conn, reuse=reuse, yielded=yielded)
