@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pgcoord.cache.near import MISSING, NearCache
 from pgcoord.cache.serializer import CacheSerializer, check_size
 from pgcoord.cache.store import Store
 from pgcoord.errors import InvalidTypeError
 from pgcoord.validation import check_callable, check_int, check_key, check_optional_positive
-
-if TYPE_CHECKING:
-    from pgcoord.cache.manager import CacheManager
 
 
 async def call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -22,6 +19,25 @@ async def call(fn: Callable[..., Any], *args: Any) -> Any:
     if inspect.isawaitable(result):
         return await result
     return result
+
+
+class CacheHost(Protocol):
+    """What a :class:`Cache` needs from the manager that made it (``CacheManager`` implements
+    it with a port object), so a cache reaches none of the manager's internals."""
+
+    def near_usable(self) -> bool:
+        """May near caches serve now (LISTEN up, no reconnect unseen)?"""
+
+    async def invalidate(self, ns: str, keys: list[str]) -> None:
+        """Drop ``keys`` of namespace ``ns`` from every instance's near cache."""
+
+    async def invalidate_ns(self, ns: str) -> None:
+        """Drop namespace ``ns`` from every instance's near cache."""
+
+    async def single_flight(
+        self, cache: Cache, key: str, fn: Callable[[], Any], ttl: float | None
+    ) -> Any:
+        """Compute ``key`` once across the cluster (``wrap``)."""
 
 
 class Cache:
@@ -35,7 +51,7 @@ class Cache:
 
     def __init__(
         self,
-        manager: CacheManager,
+        manager: CacheHost,
         *,
         name: str,
         prefix: str,
@@ -86,7 +102,7 @@ class Cache:
     async def _lookup(self, key: str) -> Any:
         """The decoded value or MISSING; the near cache first when it may serve."""
         near = self._near
-        if near is None or not self._manager._near_usable():
+        if near is None or not self._manager.near_usable():
             text = await self._store.get(key)
             return MISSING if text is None else self.serializer.loads(text)
         value = near.get(key)
@@ -109,7 +125,7 @@ class Cache:
     async def _changed(self, keys: Iterable[str]) -> None:
         """After a write: drop local copies and, with a near cache, tell the other instances."""
         if self._near is not None:
-            await self._manager._invalidate(self.ns, list(keys))
+            await self._manager.invalidate(self.ns, list(keys))
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -141,7 +157,7 @@ class Cache:
             return []
         near = self._near
         local: dict[str, Any] = {}
-        if near is not None and self._manager._near_usable():
+        if near is not None and self._manager.near_usable():
             # Near-cache hits are served locally; the rest come in one statement and are not
             # stored in the near cache (only get() populates it, with its race rules).
             for key in keys:
@@ -187,7 +203,7 @@ class Cache:
         """Remove every key of this cache (its prefix) — and nothing of any other cache."""
         await self._store.reset()
         if self._near is not None:
-            await self._manager._invalidate_ns(self.ns)
+            await self._manager.invalidate_ns(self.ns)
 
     async def ttl(self, key: str) -> float | None:
         """Seconds ``key`` has left; None when it is missing or never expires."""
@@ -233,7 +249,7 @@ class Cache:
         value = await self._lookup(key)
         if value is not MISSING:
             return value
-        return await self._manager._single_flight(self, key, fn, seconds)
+        return await self._manager.single_flight(self, key, fn, seconds)
 
     async def _compute(self, key: str, fn: Callable[[], Any], ttl: float | None) -> Any:
         """Run ``fn`` and store its value (the caller holds the key's single-flight rights)."""

@@ -65,6 +65,7 @@ class CacheManager(Service):
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
+        self._port = _CachePort(self)  # what each Cache may call back
         # Options are checked at construction, so Coordinator(...) refuses bad ones at once.
         self._sweep_interval = check_positive(
             self.option("cache_sweep_interval"), "cache_sweep_interval"
@@ -160,7 +161,7 @@ class CacheManager(Service):
                 near = NearCache(near_ttl, self._near_max, serializer.loads)
                 self._near.setdefault(ns, []).append(near)
         cache = Cache(
-            self,
+            self._port,
             name=name,
             prefix=prefix,
             ns=ns,
@@ -442,3 +443,30 @@ class CacheManager(Service):
 
 
 __all__ = ["CacheManager"]
+
+
+class _CachePort:
+    """The :class:`~pgcoord.cache.cache.CacheHost` a :class:`CacheManager` gives its caches."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, manager: CacheManager) -> None:
+        self._m = manager
+
+    def near_usable(self) -> bool:
+        """May near caches serve now?"""
+        return self._m._near_usable()
+
+    async def invalidate(self, ns: str, keys: list[str]) -> None:
+        """Drop ``keys`` of ``ns`` from every instance's near cache."""
+        await self._m._invalidate(ns, keys)
+
+    async def invalidate_ns(self, ns: str) -> None:
+        """Drop namespace ``ns`` from every instance's near cache."""
+        await self._m._invalidate_ns(ns)
+
+    async def single_flight(
+        self, cache: Cache, key: str, fn: Callable[[], Any], ttl: float | None
+    ) -> Any:
+        """Compute ``key`` once across the cluster."""
+        return await self._m._single_flight(cache, key, fn, ttl)
