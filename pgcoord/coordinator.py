@@ -269,17 +269,16 @@ class Coordinator:
                 f"idle_session_timeout for lock leases); {_driver.describe_server(dsn)} runs "
                 f"{version // 10000}.{version % 10000}"
             )
-        rt._listener = view = ListenerView(listener)
-        rt._source = await self._open_source(link, dsn)
+        view = ListenerView(listener)
+        rt.attach(view, await self._open_source(link, dsn))
         self._source_open = True
-        rt.running = True
         await _pooler.refuse_transaction_pooling(rt)
         await self._check_schema(dsn)
         self._services_started = True
         for service in self._services:
-            view.add_reconnect_hook(service._on_reconnect)
+            view.add_reconnect_hook(service.on_reconnect)
         for service in self._services:
-            await service._start()
+            await service.start()
         log.info(
             "pgcoord instance %s started (app=%s, schema=%s)", rt.instance_id, rt.app, rt.schema
         )
@@ -337,35 +336,28 @@ class Coordinator:
         # one command_timeout after the running jobs' grace, so a stop over a stalled network
         # ends within queue_grace + command_timeout.
         grace = float(self.event_queue.option("queue_grace"))
-        rt.stop_deadline = asyncio.get_running_loop().time() + grace + rt.command_timeout
-        if rt._listener is not None:
-            rt._listener.stopping = True
+        rt.begin_stop(grace + rt.command_timeout)
         try:
             await self._stop_all(rt)
         finally:
-            rt.stop_deadline = None
+            rt.end_stop()
 
     async def _stop_all(self, rt: Runtime) -> None:
         if self._source_open and self._services_started:
             self._services_started = False
             for service in reversed(self._services):
                 try:
-                    await service._stop()
+                    await service.stop()
                 except Exception:
                     log.exception("pgcoord: stopping %s failed", type(service).__name__)
-        rt.running = False
-        if rt._listener is not None:
-            assert rt.stop_deadline is not None
-            left = rt.stop_deadline - asyncio.get_running_loop().time()
-            await rt._listener.detach(max(0.0, left))
-            rt._listener = None
+        await rt.detach()
         link, self._link = self._link, None
-        # rt._source stays: a connection still out comes back to where it came from.
+        # The work source stays attached: a connection still out comes back to where it came from.
         if self._holds_pool and link is not None:
             self._holds_pool = False
             await link.close_pool(max_size=self._max_connections - 1)
-        elif self._source_open and rt._source is not None:
-            await rt._source.close()
+        elif self._source_open and rt.source is not None:
+            await rt.source.close()
         self._source_open = False
         if self._holds_listener and link is not None:
             self._holds_listener = False

@@ -87,6 +87,41 @@ class Runtime:
         source = self._source
         return source.capacity if source is not None else 1
 
+    # -- lifecycle (the Coordinator's) ------------------------------------------------------
+
+    def attach(self, listener: ListenerView, source: WorkSource) -> None:
+        """Start serving: the services reach ``listener`` and borrow from ``source``."""
+        self._listener = listener
+        self._source = source
+        self.running = True
+
+    def begin_stop(self, budget: float) -> None:
+        """The Coordinator is stopping: every database step left must end within ``budget``
+        seconds from now, and unlisten() no longer waits for the listener."""
+        self.stop_deadline = asyncio.get_running_loop().time() + budget
+        if self._listener is not None:
+            self._listener.stopping = True
+
+    def end_stop(self) -> None:
+        """Stopping is over (whatever it left): steps get their own bounds again."""
+        self.stop_deadline = None
+
+    async def detach(self) -> None:
+        """Stop serving: drop this Coordinator's listener registrations (within what is left
+        of the stop's budget). The work source stays, so connections still out go home."""
+        self.running = False
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            left = None
+            if self.stop_deadline is not None:
+                left = max(0.0, self.stop_deadline - asyncio.get_running_loop().time())
+            await listener.detach(left)
+
+    @property
+    def source(self) -> WorkSource | None:
+        """Where work connections come from (None before the first start)."""
+        return self._source
+
     def check_running(self) -> None:
         """Raise :class:`NotRunningError` unless the Coordinator is running."""
         if not self.running:
@@ -160,13 +195,16 @@ class Service:
         """The configured value of one of this service's ``OPTIONS``."""
         return self._rt.options.get(name, self.OPTIONS[name])
 
-    async def _start(self) -> None:
+    # The lifecycle the Coordinator drives (not for application code: a service stopped on
+    # its own would leave its Coordinator half running).
+
+    async def start(self) -> None:
         """Called by ``Coordinator.start()`` once the pool and listener are up."""
 
-    async def _stop(self) -> None:
+    async def stop(self) -> None:
         """Called by ``Coordinator.stop()`` before the pool and listener close."""
 
-    async def _on_reconnect(self) -> None:
+    async def on_reconnect(self) -> None:
         """Called after the listener reconnected: notifications may have been missed."""
 
 

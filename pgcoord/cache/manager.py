@@ -224,7 +224,7 @@ class CacheManager(Service):
             return False
         if listener.reconnects != self._seen_reconnects:
             # Notifications sent while the listener was down are lost: start afresh. Done here
-            # too (not only in _on_reconnect) so nothing is served between reconnect and hook.
+            # too (not only in on_reconnect) so nothing is served between reconnect and hook.
             self._seen_reconnects = listener.reconnects
             self._clear_near()
         return True
@@ -410,7 +410,7 @@ class CacheManager(Service):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
         listener = self._rt.listener
         await listener.listen(self._channel, self._on_notify)
         self._seen_reconnects = listener.reconnects
@@ -418,7 +418,7 @@ class CacheManager(Service):
         self._listening = True
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="pgcoord-cache-sweeper")
 
-    async def _stop(self) -> None:
+    async def stop(self) -> None:
         self._listening = False
         self._clear_near()
         sweeper, self._sweeper = self._sweeper, None
@@ -436,7 +436,7 @@ class CacheManager(Service):
         with contextlib.suppress(Exception):
             await self._rt.listener.unlisten(self._channel, self._on_notify)
 
-    async def _on_reconnect(self) -> None:
+    async def on_reconnect(self) -> None:
         # Invalidations sent while the listener was down were missed.
         self._seen_reconnects = self._rt.listener.reconnects
         self._clear_near()

@@ -138,11 +138,11 @@ class LockManager(Service):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
         self._stopping = False
         self._rt.listener.add_lost_hook(self._on_listener_lost)
 
-    async def _stop(self) -> None:
+    async def stop(self) -> None:
         self._stopping = True
         with contextlib.suppress(NotRunningError):
             self._rt.listener.remove_lost_hook(self._on_listener_lost)

@@ -87,13 +87,13 @@ class PubSubManager(Service):
         self._rt.check_running()
         return await self._engine.sweep()
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
         await self._engine.start()
 
-    async def _stop(self) -> None:
+    async def stop(self) -> None:
         await self._engine.stop()
 
-    async def _on_reconnect(self) -> None:
+    async def on_reconnect(self) -> None:
         self._engine.on_reconnect()
 
 

@@ -143,7 +143,7 @@ class EventQueue(Service):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
         self._outcomes = Outcomes(self._write, self._q)
         self._outcomes.start()
         self._write_lock = asyncio.Lock()
@@ -153,7 +153,7 @@ class EventQueue(Service):
         for worker in self._workers.values():
             await self._activate(worker)
 
-    async def _stop(self) -> None:
+    async def stop(self) -> None:
         self._started = False
         workers = list(self._workers.values())
         released = await asyncio.gather(*(self._deactivate(w) for w in workers))
@@ -179,7 +179,7 @@ class EventQueue(Service):
                     for worker in workers:
                         await conn.execute(self._q.notify, (worker.pg_channel,))
 
-    async def _on_reconnect(self) -> None:
+    async def on_reconnect(self) -> None:
         # NOTIFYs sent while the listener was down are gone: look for work now.
         for worker in self._workers.values():
             worker.wake.set()

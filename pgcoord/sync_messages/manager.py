@@ -124,6 +124,6 @@ class SyncMessageManager(Service):
             durable=True,
         )
 
-    async def _stop(self) -> None:
+    async def stop(self) -> None:
         # Stops pub/sub deliveries as well; PubSubManager's own stop then has nothing left to do.
         await self._engine.stop()
