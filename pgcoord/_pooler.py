@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from pgcoord import _statements as statements
 from pgcoord._driver import describe_server
 from pgcoord._shared import server_key
 from pgcoord.errors import InvalidTypeError, TransactionPoolingError
@@ -65,9 +66,6 @@ _FIRST_WHAT = (
     "until one of its server connections is free: is its pool full?)"
 )
 _PROBE_WHAT = "start: the connection pooler check"
-
-_PID = "SELECT pg_backend_pid()"
-_PID_AND_NOTIFY = "SELECT pg_backend_pid(), pg_notify(%s, %s)"
 
 
 def shared_session(listener_pid: int, connections: Sequence[Sequence[int]]) -> str | None:
@@ -107,7 +105,7 @@ def refusal(dsn: str | None, evidence: str) -> TransactionPoolingError:
 
 
 async def _pid(conn: psycopg.AsyncConnection[Any]) -> int:
-    cur = await conn.execute(_PID)
+    cur = await conn.execute(statements.BACKEND_PID)
     row = await cur.fetchone()
     assert row is not None
     return int(row[0])
@@ -174,7 +172,7 @@ async def _notification_probe(
     try:
         conn.add_notify_handler(on_work)
         try:
-            cur = await conn.execute(_PID_AND_NOTIFY, (channel, token))
+            cur = await conn.execute(statements.BACKEND_PID_AND_NOTIFY, (channel, token))
             row = await cur.fetchone()
         finally:
             conn.remove_notify_handler(on_work)

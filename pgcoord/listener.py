@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from pgcoord import _driver
+from pgcoord import _statements as statements
 from pgcoord._deadline import Bounded
 from pgcoord._retry import Backoff, TaskSet
 from pgcoord.errors import ConnectionFailedError, PgcoordError
@@ -37,19 +38,6 @@ NotifyCallback = Callable[[str, str], None]
 ReconnectHook = Callable[[], Awaitable[None]]
 #: Called at once (on the loop) when the connection is found lost, before reconnecting.
 LostHook = Callable[[], None]
-
-# The LISTEN session names this process as the holder of its lease rows (locks), so nothing
-# may end it but the process: database or role defaults that would are turned off, and the
-# session's start is read to tell it from a later session that reuses its pid. The pid is
-# read too: behind a pooler (PgBouncer) the one in the connection's BackendKeyData is the
-# pooler's own cancel key, not a server process.
-_SETUP = (
-    "SELECT set_config('idle_session_timeout', '0', false),"
-    " set_config('statement_timeout', '0', false),"
-    " set_config('idle_in_transaction_session_timeout', '0', false),"
-    " (SELECT backend_start FROM pg_stat_get_activity(pg_backend_pid())),"
-    " pg_backend_pid()"
-)
 
 _SETUP_WHAT = (
     "the listener connection's first statement (a pooler such as PgBouncer queues it until "
@@ -117,7 +105,7 @@ class Listener:
             # its query_wait_timeout (120 s by default) when its pool is full.
             async with Bounded(conn, deadline, _SETUP_WHAT, self._dsn):
                 with _driver.translated(self._dsn):
-                    cur = await conn.execute(_SETUP)
+                    cur = await conn.execute(statements.LISTENER_SETUP)
                     row = await cur.fetchone()
         except BaseException:
             await conn.close()
@@ -339,7 +327,7 @@ class Listener:
                 async with Bounded(
                     conn, loop.time() + bound, "the listener's heartbeat ping", self._dsn
                 ):
-                    await conn.execute("SELECT 1")
+                    await conn.execute(statements.PING)
                 self._last_rx = time.monotonic()
                 quiet = 0.0
             pump = asyncio.create_task(self._pump(conn), name="pgcoord-listener-pump")

@@ -17,9 +17,9 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from psycopg import sql
 
 from pgcoord import _driver
+from pgcoord import _statements as statements
 from pgcoord.errors import SchemaOutdatedError
 from pgcoord.names import advisory_key
 from pgcoord.schema import VERSION_TABLE
@@ -91,7 +91,7 @@ def _run_locked(dsn: str, schema: str, connect_timeout: float, action: str, revi
 def _run_on(engine: sa.Engine, dsn: str, schema: str, action: str, revision: str) -> None:
     with _driver.translated(dsn), engine.connect() as conn:
         key = migration_lock_key(schema)
-        conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        conn.exec_driver_sql(statements.MIGRATION_LOCK, (key,))
         conn.commit()  # the session lock outlives this transaction
         try:
             cfg = alembic_config(schema, connection=conn)
@@ -102,7 +102,7 @@ def _run_on(engine: sa.Engine, dsn: str, schema: str, action: str, revision: str
             conn.commit()
         finally:
             conn.rollback()
-            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.exec_driver_sql(statements.MIGRATION_UNLOCK, (key,))
             conn.commit()
 
 
@@ -132,7 +132,7 @@ def upgrade_sql(schema: str = "pgcoord", revision: str = "head") -> str:
 
 async def current_revision(conn: psycopg.AsyncConnection[Any], schema: str) -> str | None:
     """The revision recorded in ``schema`` (None when pgcoord's tables were never created)."""
-    query = sql.SQL("SELECT version_num FROM {}").format(sql.Identifier(schema, VERSION_TABLE))
+    query = statements.migration_version(schema, VERSION_TABLE)
     try:
         async with conn.transaction():
             row = await (await conn.execute(query)).fetchone()
