@@ -20,7 +20,7 @@ from psycopg.pq import TransactionStatus
 from pgcoord._driver import translated
 from pgcoord.errors import InvalidInputError, InvalidTypeError
 
-Query: TypeAlias = sql.SQL | sql.Composed | str
+Query: TypeAlias = sql.SQL | sql.Composed | str | bytes
 Params: TypeAlias = tuple[Any, ...] | list[Any] | dict[str, Any] | None
 Rows: TypeAlias = list[tuple[Any, ...]]
 

@@ -29,6 +29,7 @@ import psycopg
 from pgcoord import _driver
 from pgcoord._deadline import Bounded
 from pgcoord._retry import TaskSet
+from pgcoord.cache.queries import Queries, build
 from pgcoord.errors import PgcoordError
 from pgcoord.runtime import Runtime
 
@@ -41,8 +42,10 @@ IDLE_CLOSE = 1.0
 class ClusterLocks:
     """Try-lock / unlock of 64-bit advisory keys on one lazily opened connection."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, queries: Queries | None = None) -> None:
         self._rt = runtime
+        # Default: the statements for the runtime's schema (built once per schema, shared).
+        self._q = build(runtime.schema) if queries is None else queries
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._open_lock = asyncio.Lock()
         self._held: set[int] = set()
@@ -75,7 +78,7 @@ class ClusterLocks:
             conn = await self._connection(deadline)
             try:
                 async with Bounded(conn, deadline, "cache wrap: lock", self._rt.dsn):
-                    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                    cur = await conn.execute(self._q.wrap_try_lock, (key,))
                     row = await cur.fetchone()
             except (psycopg.Error, PgcoordError) as exc:
                 await self._discard(conn)
@@ -97,7 +100,7 @@ class ClusterLocks:
             self._busy += 1
             try:
                 async with self._bound(conn, "cache wrap: unlock"):
-                    await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                    await conn.execute(self._q.wrap_unlock, (key,))
             except (psycopg.Error, PgcoordError) as exc:
                 log.warning(
                     "pgcoord cache: wrap's lock connection to %s failed on unlock (%s); "

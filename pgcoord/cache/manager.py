@@ -93,8 +93,8 @@ class CacheManager(Service):
         self._flights: dict[tuple[str, str], asyncio.Task[Any]] = {}
         self._wrap_events: dict[tuple[str, str], asyncio.Event] = {}
         self._channel = runtime.channel("cache", "invalidate")
-        self._notifier = Notifier(runtime, self._channel)
-        self._locks = ClusterLocks(runtime)
+        self._notifier = Notifier(runtime, self._channel, self._queries)
+        self._locks = ClusterLocks(runtime, self._queries)
         self._sweeper: asyncio.Task[None] | None = None
         self._listening = False
         self._seen_reconnects = 0
@@ -348,11 +348,8 @@ class CacheManager(Service):
         return deleted
 
     async def _locked(self, conn: psycopg.AsyncConnection[Any], key: int) -> bool:
-        # Transaction-scoped, never session-level: the lock ends with the caller's transaction
-        # whatever interrupts it (an error, or cancellation at stop between the server granting
-        # it and us reading the answer). A session lock would then go back to a shared pool
-        # still held, and every instance's sweep would be skipped while that connection lives.
-        cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,))
+        # Transaction-scoped (see try_xact_lock in queries.sql for why never session-level).
+        cur = await conn.execute(self._queries.try_xact_lock, (key,))
         row = await cur.fetchone()
         return bool(row and row[0])
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 from pgcoord.cache import messages
+from pgcoord.cache.queries import Queries
 from pgcoord.runtime import Runtime
 
 log = logging.getLogger("pgcoord.cache")
@@ -21,8 +22,9 @@ log = logging.getLogger("pgcoord.cache")
 class Notifier:
     """Batches invalidation ops into as few ``pg_notify`` calls as possible."""
 
-    def __init__(self, runtime: Runtime, channel: str) -> None:
+    def __init__(self, runtime: Runtime, channel: str, queries: Queries) -> None:
         self._rt = runtime
+        self._q = queries
         self._channel = channel
         self._pending: list[messages.Op] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -46,10 +48,7 @@ class Notifier:
             try:
                 payloads = messages.pack(self._rt.instance_id, ops)
                 async with self._rt.connection("cache invalidation notify") as conn:
-                    await conn.execute(
-                        "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
-                        (self._channel, payloads),
-                    )
+                    await conn.execute(self._q.notify, (self._channel, payloads))
             except Exception as exc:
                 for waiter in waiters:
                     if not waiter.done():

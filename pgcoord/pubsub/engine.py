@@ -38,7 +38,7 @@ from pgcoord import transaction as txn
 from pgcoord._retry import Backoff, TaskSet
 from pgcoord.errors import PgcoordError
 from pgcoord.pubsub import envelope as wire
-from pgcoord.pubsub.queries import NOTIFY, SNAPSHOT, Queries
+from pgcoord.pubsub.queries import Queries
 from pgcoord.pubsub.seen import SeenIds
 from pgcoord.pubsub.subscription import Handler, Subscription
 from pgcoord.runtime import Runtime
@@ -295,11 +295,11 @@ class Engine:
         inline = wire.fits_notify(envelope)
         what = "sync message publish" if durable else "pub/sub publish"
         if inline and not durable:
-            await self._send(NOTIFY, (pg, envelope), what)
+            await self._send(self._q.notify, (pg, envelope), what)
         else:
             await self._send(self._q.insert_and_notify, (pg, durable, envelope, inline), what)
 
-    async def _send(self, query: str, params: Sequence[Any], what: str) -> None:
+    async def _send(self, query: bytes, params: Sequence[Any], what: str) -> None:
         # Not retried: a connection the server closed while idle is replaced before anything
         # is sent on it (see WorkSource.acquire), so an error here came after the statement
         # may have reached the server, and sending again could deliver twice.
@@ -400,7 +400,7 @@ class Engine:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def _read(self, what: str, query: str, params: Sequence[Any]) -> Ready:
+    async def _read(self, what: str, query: bytes, params: Sequence[Any]) -> Ready:
         backoff = Backoff(0.05, 2.0, budget=_READ_RETRY_SECONDS)
         while True:
             try:
@@ -447,7 +447,7 @@ class Engine:
 
     async def _snapshot(self) -> str:
         async with self._rt.connection(self._label("catch-up snapshot")) as conn:
-            cur = await conn.execute(SNAPSHOT)
+            cur = await conn.execute(self._q.snapshot)
             row = await cur.fetchone()
         assert row is not None
         return str(row[0])

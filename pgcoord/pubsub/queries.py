@@ -1,129 +1,40 @@
-"""The SQL of pub/sub and sync messages, composed with ``psycopg.sql`` (never string formatting).
+"""The SQL of pub/sub and sync messages: the statements of ``queries.sql``, ready to send.
 
-Each query is built once per Coordinator (the table is schema-qualified), so psycopg can
-prepare it on each pooled connection after a few uses.
+The table is the one identifier, composed with ``psycopg.sql`` (never string formatting).
+Each statement is rendered to bytes once per Coordinator, so sending one costs nothing extra
+and psycopg can prepare it on each pooled connection after a few uses.
 """
 
 from __future__ import annotations
 
-from functools import cached_property
+from dataclasses import InitVar, dataclass, field, fields
 
 from psycopg import sql
 
-#: The plain publish: one NOTIFY, no table write, so its transaction writes no WAL.
-NOTIFY = "SELECT pg_notify(%s, %s)"
+from pgcoord import sqlfile
 
 
+@dataclass(frozen=True)
 class Queries:
-    """Queries against ``message_log`` in one schema, each rendered to text once."""
+    """The statements against ``message_log`` in one schema (see ``queries.sql`` for each)."""
 
-    def __init__(self, log: sql.Identifier) -> None:
-        self.log = log
+    log: InitVar[sql.Identifier]
+    notify: bytes = field(init=False)
+    insert_and_notify: bytes = field(init=False)
+    insert_in_transaction: bytes = field(init=False)
+    by_id: bytes = field(init=False)
+    by_xid: bytes = field(init=False)
+    snapshot: bytes = field(init=False)
+    catch_up: bytes = field(init=False)
+    sweep: bytes = field(init=False)
 
-    @cached_property
-    def insert_and_notify(self) -> str:
-        """Log an envelope and NOTIFY it (inline when it fits, else as a ``{"p": id}`` pointer).
-
-        Params: channel, durable, envelope, inline. One statement, so one transaction:
-        the NOTIFY is sent if and only if the row is committed.
-        """
-        return (
-            sql.SQL(
-                "WITH r AS (INSERT INTO {log} (channel, xid, durable, envelope)"
-                " VALUES (%s, pg_current_xact_id()::text::bigint, %s, %s) RETURNING id, channel, envelope)"
-                " SELECT pg_notify(r.channel, CASE WHEN %s THEN r.envelope"
-                " ELSE '{{\"p\":' || r.id || '}}' END) FROM r"
+    def __post_init__(self, log: sql.Identifier) -> None:
+        rendered = sqlfile.render(sqlfile.load("pgcoord.pubsub"), log=log)
+        names = [f.name for f in fields(self)]
+        if set(names) != rendered.keys():
+            # A statement added to one side only would otherwise be silently unused or absent.
+            raise RuntimeError(
+                f"pgcoord/pubsub/queries.sql and Queries disagree: {sorted(rendered.keys() ^ set(names))}"
             )
-            .format(log=self.log)
-            .as_string()
-        )
-
-    @cached_property
-    def insert_in_transaction(self) -> str:
-        """Log an envelope in the caller's transaction and NOTIFY the app's wake channel.
-
-        Params: channel, durable, envelope, wake channel. The wake payload is the transaction's
-        xid, identical for every publish in the transaction, and Postgres folds identical
-        notifications of one transaction into one: a transaction NOTIFYs once however many
-        messages it publishes.
-        """
-        return (
-            sql.SQL(
-                "WITH r AS (INSERT INTO {log} (channel, xid, durable, envelope)"
-                " VALUES (%s, pg_current_xact_id()::text::bigint, %s, %s) RETURNING xid)"
-                " SELECT pg_notify(%s, r.xid::text) FROM r"
-            )
-            .format(log=self.log)
-            .as_string()
-        )
-
-    @cached_property
-    def by_id(self) -> str:
-        """A spilled envelope. Params: id."""
-        return (
-            sql.SQL("SELECT channel, envelope FROM {log} WHERE id = %s")
-            .format(log=self.log)
-            .as_string()
-        )
-
-    @cached_property
-    def by_xid(self) -> str:
-        """One committed transaction's messages on the given channels, in publish order.
-
-        Params: xid, channels (text[]).
-        """
-        return (
-            sql.SQL(
-                "SELECT channel, envelope FROM {log} WHERE xid = %s AND channel = ANY(%s) ORDER BY id"
-            )
-            .format(log=self.log)
-            .as_string()
-        )
-
-    @cached_property
-    def catch_up(self) -> str:
-        """Sync messages of the given channels that a reconnecting listener may have missed.
-
-        Params: channels (text[]), snapshots (text[], the ``pg_current_snapshot()`` taken when
-        each channel's LISTEN became active), window (seconds). Rows visible in a channel's
-        snapshot committed before this instance listened: not for it. Ordered by ``commit_seq``
-        (taken at COMMIT, see migration 0002), i.e. in commit order like live NOTIFY delivery,
-        never by ``id``, which is taken at INSERT. ``commit_seq`` is unique; ``id`` only makes
-        the order total should a row ever lack one.
-        """
-        return (
-            sql.SQL(
-                "SELECT l.channel, l.envelope FROM {log} AS l"
-                " JOIN unnest(%s::text[], %s::text[]) AS s(channel, snap) ON l.channel = s.channel"
-                " WHERE l.durable AND l.created_at > now() - make_interval(secs => %s)"
-                " AND NOT pg_visible_in_snapshot(l.xid::text::xid8, s.snap::pg_snapshot)"
-                " ORDER BY l.commit_seq, l.id"
-            )
-            .format(log=self.log)
-            .as_string()
-        )
-
-    @cached_property
-    def sweep(self) -> str:
-        """Delete up to a batch of expired rows, if no other instance is sweeping right now.
-
-        Params: advisory key, the shorter retention (s), durable retention (s), spill retention
-        (s), batch size. One statement is one transaction, which holds the try-lock. The first
-        ``created_at`` bound lets the scan use the ``created_at`` index.
-        """
-        return (
-            sql.SQL(
-                "WITH gate AS (SELECT pg_try_advisory_xact_lock(%s) AS ok),"
-                " doomed AS (SELECT id FROM {log} WHERE (SELECT ok FROM gate)"
-                " AND created_at < now() - make_interval(secs => %s) AND ("
-                " (durable AND created_at < now() - make_interval(secs => %s))"
-                " OR (NOT durable AND created_at < now() - make_interval(secs => %s)))"
-                " LIMIT %s)"
-                " DELETE FROM {log} WHERE id = ANY(ARRAY(SELECT id FROM doomed))"
-            )
-            .format(log=self.log)
-            .as_string()
-        )
-
-
-SNAPSHOT = "SELECT pg_current_snapshot()::text"
+        for name in names:
+            object.__setattr__(self, name, rendered[name])

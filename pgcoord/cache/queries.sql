@@ -1,0 +1,133 @@
+-- Every statement the cache sends. {entries} is the schema's UNLOGGED cache_entries table.
+--
+-- Every read filters on (expires_at IS NULL OR expires_at > now()): an expired row is never
+-- returned, judged by the database clock, whatever the sweeper has or has not deleted yet.
+-- Writes are upserts on (ns, key), one autocommit statement each (one round trip).
+-- ns is "<app>:<prefix>"; the table's text columns use the C collation.
+
+-- name: get
+-- The live value of one key.
+SELECT value FROM {entries}
+WHERE ns = %s AND key = %s AND (expires_at IS NULL OR expires_at > now())
+
+-- name: get_with_ttl
+-- The live value of one key and its seconds left (NULL: never expires), in one round trip.
+SELECT value, extract(epoch FROM expires_at - now())::float8
+FROM {entries}
+WHERE ns = %s AND key = %s AND (expires_at IS NULL OR expires_at > now())
+
+-- name: mget
+-- The live values of many keys, one array parameter (one statement whatever the count).
+SELECT key, value FROM {entries}
+WHERE ns = %s AND key = ANY(%s::text[]) AND (expires_at IS NULL OR expires_at > now())
+
+-- name: set
+-- Store one value. make_interval(secs => NULL) is NULL, so ttl=None stores "never expires".
+INSERT INTO {entries} (ns, key, value, expires_at, written_at)
+VALUES (%s, %s, %s, now() + make_interval(secs => %s::float8), now())
+ON CONFLICT (ns, key) DO UPDATE SET
+    value = EXCLUDED.value,
+    expires_at = EXCLUDED.expires_at,
+    written_at = EXCLUDED.written_at
+
+-- name: mset
+-- Store many values with one ttl from two parallel arrays (keys, values), as `set` does one.
+INSERT INTO {entries} (ns, key, value, expires_at, written_at)
+SELECT %s, u.k, u.v, now() + make_interval(secs => %s::float8), now()
+FROM unnest(%s::text[], %s::text[]) AS u(k, v)
+ON CONFLICT (ns, key) DO UPDATE SET
+    value = EXCLUDED.value,
+    expires_at = EXCLUDED.expires_at,
+    written_at = EXCLUDED.written_at
+
+-- name: mdel
+-- Delete many keys of one namespace (expired or not).
+DELETE FROM {entries} WHERE ns = %s AND key = ANY(%s::text[])
+
+-- name: reset
+-- Empty one namespace (one cache prefix).
+DELETE FROM {entries} WHERE ns = %s
+
+-- name: flush_app
+-- Empty every namespace of one app: ns is "<app>:<prefix>" in the C collation and ':' < ';',
+-- so the bounds ("<app>:", "<app>;") are exactly the app's rows, one index range.
+DELETE FROM {entries} WHERE ns >= %s AND ns < %s
+
+-- name: ttl
+-- Seconds left of a live key (NULL: never expires; no row: missing or expired).
+SELECT extract(epoch FROM expires_at - now())::float8
+FROM {entries}
+WHERE ns = %s AND key = %s AND (expires_at IS NULL OR expires_at > now())
+
+-- name: keys
+-- The live keys of a namespace matching a LIKE pattern (translated from a glob), sorted.
+SELECT key FROM {entries}
+WHERE ns = %s AND key LIKE %s AND (expires_at IS NULL OR expires_at > now())
+ORDER BY key
+
+-- name: incr
+-- Add to an integer value, in one statement: the row lock taken by ON CONFLICT makes
+-- concurrent increments queue up on the row, so none is lost. An expired row counts as
+-- missing (restarts at 0 and takes the new ttl); a live one keeps its expiry.
+INSERT INTO {entries} AS e (ns, key, value, expires_at, written_at)
+VALUES (
+    %(ns)s, %(key)s, %(amount)s::bigint::text,
+    now() + make_interval(secs => %(ttl)s::float8), now()
+)
+ON CONFLICT (ns, key) DO UPDATE SET
+    value = (
+        CASE WHEN e.expires_at IS NOT NULL AND e.expires_at <= now() THEN 0
+        ELSE e.value::bigint END + %(amount)s::bigint
+    )::text,
+    expires_at = CASE WHEN e.expires_at IS NOT NULL AND e.expires_at <= now()
+        THEN EXCLUDED.expires_at ELSE e.expires_at END,
+    written_at = now()
+RETURNING value::bigint
+
+-- name: sweep
+-- Delete one bounded batch of expired rows (of every app: they are garbage to all). The outer
+-- expires_at test is re-checked on a row that was rewritten after the inner SELECT saw it, so a
+-- fresh value written meanwhile is never deleted.
+DELETE FROM {entries}
+WHERE (ns, key) IN (SELECT ns, key FROM {entries} WHERE expires_at <= now() LIMIT %s)
+  AND expires_at <= now()
+
+-- name: count
+-- Rows of one namespace, expired or not (what the size bound counts).
+SELECT count(*) FROM {entries} WHERE ns = %s
+
+-- name: evict
+-- Delete up to %(n)s rows of a namespace over its size bound: expired rows first, then the
+-- oldest-written.
+DELETE FROM {entries}
+WHERE ns = %(ns)s AND key IN (
+    SELECT key FROM {entries}
+    WHERE ns = %(ns)s
+    ORDER BY (expires_at IS NOT NULL AND expires_at <= now()) DESC, written_at
+    LIMIT %(n)s
+)
+
+-- name: try_xact_lock
+-- Take the sweep's (or an eviction's) advisory lock if free. Transaction-scoped, never
+-- session-level: the lock ends with the caller's transaction whatever interrupts it (an error,
+-- or cancellation at stop between the server granting it and us reading the answer). A session
+-- lock would then go back to a shared pool still held, and every instance's sweep would be
+-- skipped while that connection lives.
+SELECT pg_try_advisory_xact_lock(%s)
+
+-- name: wrap_try_lock
+-- Take a wrap key's cluster-wide lock if free, on wrap's one dedicated connection. Session-level
+-- (held while the leader's fn runs, across its transactions) and only ever a try: the connection
+-- is shared by every key this process computes, so it must never block waiting for a holder.
+SELECT pg_try_advisory_lock(%s)
+
+-- name: wrap_unlock
+-- Release a wrap key's session lock (closing the connection releases every one of them too).
+SELECT pg_advisory_unlock(%s)
+
+-- name: notify
+-- Send invalidation payloads on the cache channel, many in one statement (one round trip). Run
+-- in its own transaction after the write committed, never inside it: a transaction that both
+-- writes and NOTIFYs holds the server-wide notify lock through its WAL flush (measured: 2.4x
+-- fewer commits/s with 8 writers), while a NOTIFY-only transaction writes no WAL.
+SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p
