@@ -130,7 +130,7 @@ class LockManager(Service):
         self._held: set[Lock] = set()
         self._sessions: dict[Lock, None] = {}  # held on a session, oldest first
         self._wakeups: dict[str, asyncio.Event] = {}  # channel -> the waiting task's event
-        # The token epoch each work session saw (see queries._ACQUIRE_WARM).
+        # The token epoch each work session saw (see acquire_warm in queries.sql).
         self._epochs: weakref.WeakKeyDictionary[Connection, int] = weakref.WeakKeyDictionary()
         self._stopping = False
         self._tasks = TaskSet("locks")
