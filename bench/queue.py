@@ -146,7 +146,7 @@ def _gap() -> dict[str, float]:
 
 def _plain_insert() -> str:
     # The very statement publish() runs, aimed at an identical table that no queue uses.
-    return queries.build("pgcoord").publish.as_string(None).replace("queue_jobs", "plain_jobs")
+    return queries.build("pgcoord").publish.decode().replace("queue_jobs", "plain_jobs")
 
 
 _MODES = ("plain", "publish", "plain_txn", "publish_txn", "naive")

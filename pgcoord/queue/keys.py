@@ -10,10 +10,12 @@ publish (whether or not the job has run by then), then swept by the instances of
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from psycopg import sql
 
+from pgcoord import sqlfile
 from pgcoord.schema.queue import JOBS, KEYS, WAITERS
 from pgcoord.validation import check_key
 
@@ -26,68 +28,42 @@ SWEEP_EVERY = 500
 #: ... and every this many seconds on every running instance (or the window, if shorter).
 SWEEP_INTERVAL = 60.0
 
-_WAITING = (
-    "EXISTS (SELECT 1 FROM {waiters} AS w WHERE w.app = %(app)s AND w.channel = %(channel)s "
-    "AND w.idle AND w.expires_at > now())"
-)
-
-# The key row and the job row are inserted by one statement: either both commit or neither.
-# Two publishes racing on one key meet at the key's unique index; the second waits for the
-# first to commit, then inserts nothing and finds the first one's job with `existing`.
-_PUBLISH = (
-    "WITH nid AS (SELECT nextval(pg_get_serial_sequence({jobs_name}, 'id')) AS id), "
-    "k AS (INSERT INTO {keys} (app, channel, key, job_id) "
-    "SELECT %(app)s, %(channel)s, %(key)s, nid.id FROM nid "
-    "ON CONFLICT (app, channel, key) DO NOTHING RETURNING job_id), "
-    "ins AS (INSERT INTO {jobs} (id, app, channel, priority, run_at, max_retries, timeout, "
-    "payload) SELECT k.job_id, %(app)s, %(channel)s, %(priority)s, "
-    "now() + make_interval(secs => %(delay)s), %(max_retries)s, %(timeout)s, %(payload)s "
-    "FROM k RETURNING id), "
-    "w AS (SELECT " + _WAITING + " AS waiting){notify} "
-    "SELECT ins.id, w.waiting FROM w LEFT JOIN ins ON true{join}"
-)
-
-_NOTIFY = ", n AS (SELECT pg_notify(%(pg_channel)s, '') FROM w, ins WHERE w.waiting)"
+#: The prefix of the keyed publish statements' names in ``queries.sql``.
+_PREFIX = "key_"
 
 
 @dataclass(frozen=True)
 class KeyQueries:
-    """The keyed publish statements for one schema."""
+    """The keyed publish statements for one schema: the ``key_*`` blocks of ``queries.sql``."""
 
-    publish: sql.Composed
-    publish_notify: sql.Composed  # the NOTIFY rides in the caller's transaction
-    existing: sql.Composed
-    sweep: sql.Composed
+    publish: bytes
+    publish_notify: bytes  # the NOTIFY rides in the caller's transaction
+    existing: bytes
+    sweep: bytes
 
     @classmethod
     def for_schema(cls, schema: str) -> KeyQueries:
-        """Compose the statements for tables in ``schema``."""
-        parts = {
-            "jobs": sql.Identifier(schema, JOBS),
-            "keys": sql.Identifier(schema, KEYS),
-            "waiters": sql.Identifier(schema, WAITERS),
-            "jobs_name": sql.Literal(sql.Identifier(schema, JOBS).as_string(None)),
-        }
+        """Render the statements for tables in ``schema``."""
+        return _render(schema)
 
-        def q(text: str) -> sql.Composed:
-            return sql.SQL(text).format(**parts)
 
-        return cls(
-            publish=q(_PUBLISH.replace("{notify}", "").replace("{join}", "")),
-            publish_notify=q(
-                _PUBLISH.replace("{notify}", _NOTIFY).replace("{join}", " LEFT JOIN n ON true")
-            ),
-            existing=q(
-                "SELECT job_id FROM {keys} "
-                "WHERE app = %(app)s AND channel = %(channel)s AND key = %(key)s"
-            ),
-            # One app's window, for that app's keys only: apps sharing a schema never
-            # shorten each other's promises.
-            sweep=q(
-                "DELETE FROM {keys} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {keys} "
-                "WHERE app = %s AND created_at < now() - make_interval(secs => %s) LIMIT %s))"
-            ),
-        )
+@functools.cache
+def _render(schema: str) -> KeyQueries:
+    # Cached: a KeyQueries is immutable, and every EventQueue of a schema sends the same bytes.
+    statements = {
+        name: text
+        for name, text in sqlfile.load("pgcoord.queue").items()
+        if name.startswith(_PREFIX)
+    }
+    rendered = sqlfile.render(
+        statements,
+        jobs=sql.Identifier(schema, JOBS),
+        keys=sql.Identifier(schema, KEYS),
+        waiters=sql.Identifier(schema, WAITERS),
+        # pg_get_serial_sequence() takes the table's name as text, quoted as in SQL.
+        jobs_name=sql.Literal(sql.Identifier(schema, JOBS).as_string(None)),
+    )
+    return KeyQueries(**{name.removeprefix(_PREFIX): text for name, text in rendered.items()})
 
 
 def check_idempotency_key(key: object) -> str | None:

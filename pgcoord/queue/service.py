@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
-from psycopg import sql
-
 from pgcoord import codec
 from pgcoord import transaction as txn
 from pgcoord._driver import translated
@@ -28,7 +26,6 @@ from pgcoord.queue.outcomes import Outcomes
 from pgcoord.queue.throttle import NotifyState
 from pgcoord.queue.worker import Worker
 from pgcoord.runtime import Runtime, Service
-from pgcoord.schema import queue as schema_queue
 from pgcoord.validation import check_int, check_key, check_non_negative, check_positive
 
 log = logging.getLogger("pgcoord.queue")
@@ -137,9 +134,6 @@ class EventQueue(Service):
         self._since_vacuum = 0
         self._last_vacuum = float("-inf")
         self._vacuum_task: asyncio.Task[None] | None = None
-        self._vacuum_sql = sql.SQL("VACUUM (SKIP_LOCKED) {}").format(
-            runtime.table(schema_queue.JOBS)
-        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -619,7 +613,7 @@ class EventQueue(Service):
     async def _vacuum(self) -> None:
         try:
             async with self._rt.connection("queue vacuum") as conn:
-                await conn.execute(self._vacuum_sql)
+                await conn.execute(self._q.vacuum)
         except PgcoordError as exc:
             # Not the owner, server busy, ...: autovacuum remains; the queue still works.
             log.info("pgcoord queue: VACUUM of the jobs table failed: %s", exc)
