@@ -6,7 +6,9 @@ before a write, because a fast encoder would otherwise silently turn a datetime,
 NaN into something that does not round-trip.
 
 Encoded values travel as ``text`` (never ``jsonb``): Postgres ``jsonb`` refuses ``\\u0000``, and
-skipping the server-side parse is also faster. NUL characters and any Unicode round-trip.
+skipping the server-side parse is also faster. NUL characters, lone surrogates and any Unicode
+round-trip. The one string JSON cannot carry exactly is a surrogate pair written as two code
+units (``"\\ud83d\\ude00"``): it would come back as the one character it encodes, so it is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import orjson
 
 from pgcoord.errors import InvalidInputError, InvalidTypeError
+from pgcoord.validation import split_pair_at
 
 JSON = None | bool | int | float | str | list[Any] | dict[str, Any]
 
@@ -58,14 +61,33 @@ def _check(value: object, path: str, depth: int) -> None:
     )
 
 
+def _split_pair(value: object, path: str) -> None:
+    # Only reached when orjson refused the value, i.e. some string holds a surrogate.
+    if isinstance(value, str):
+        at = split_pair_at(value)
+        if at is not None:
+            raise InvalidInputError(
+                f"string at {path} holds a surrogate pair written as two code units (index {at}); "
+                "JSON cannot keep it apart from the character it encodes: write the character"
+            )
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _split_pair(item, f"{path}[{index}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _split_pair(key, f"{path} key {key!r}")
+            _split_pair(item, f"{path}[{key!r}]")
+
+
 def encode(value: object, what: str = "value") -> str:
     """Validate ``value`` as JSON data and return its JSON text."""
     _check(value, what, 0)
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError:
-        # orjson refuses strings with lone surrogates; the standard library writes them as
-        # \uXXXX escapes, which decode back to the same string.
+        # orjson refuses strings with surrogates; the standard library writes them as \uXXXX
+        # escapes, which decode back to the same string unless two of them form a pair.
+        _split_pair(value, what)
         return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
 
 

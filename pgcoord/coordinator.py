@@ -31,7 +31,7 @@ from pgcoord.pubsub.engine import Engine as MessageEngine
 from pgcoord.queue import EventQueue
 from pgcoord.runtime import Runtime, Service
 from pgcoord.sync_messages import Plugin, SyncMessageManager
-from pgcoord.validation import check_identifier, check_int, check_positive
+from pgcoord.validation import check_identifier, check_int, check_positive, check_schema
 
 log = logging.getLogger("pgcoord")
 
@@ -105,7 +105,7 @@ class Coordinator:
         if dsn is not None and not isinstance(dsn, str):
             raise InvalidTypeError(f"dsn must be a str or None, not {type(dsn).__name__}")
         check_identifier(app, "app")
-        check_identifier(schema, "schema")
+        check_schema(schema)
         if pool is not None and not isinstance(pool, AsyncConnectionPool):
             raise InvalidTypeError("pool must be a psycopg_pool.AsyncConnectionPool")
         if pool is not None and engine is not None:

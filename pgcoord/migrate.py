@@ -23,7 +23,7 @@ from pgcoord import _statements as statements
 from pgcoord.errors import SchemaOutdatedError
 from pgcoord.names import advisory_key
 from pgcoord.schema import VERSION_TABLE
-from pgcoord.validation import check_identifier
+from pgcoord.validation import check_schema
 
 
 @functools.cache
@@ -110,7 +110,7 @@ def upgrade(
     dsn: str, schema: str = "pgcoord", revision: str = "head", *, connect_timeout: float = 10.0
 ) -> None:
     """Upgrade ``schema`` to ``revision`` (head by default); safe to run from many processes at once."""
-    check_identifier(schema, "schema")
+    check_schema(schema)
     _run_locked(dsn, schema, connect_timeout, "upgrade", revision)
 
 
@@ -118,13 +118,13 @@ def downgrade(
     dsn: str, schema: str = "pgcoord", revision: str = "base", *, connect_timeout: float = 10.0
 ) -> None:
     """Downgrade ``schema`` to ``revision`` (``base`` drops every pgcoord table)."""
-    check_identifier(schema, "schema")
+    check_schema(schema)
     _run_locked(dsn, schema, connect_timeout, "downgrade", revision)
 
 
 def upgrade_sql(schema: str = "pgcoord", revision: str = "head") -> str:
     """The DDL that upgrading an empty database would run; touches no database."""
-    check_identifier(schema, "schema")
+    check_schema(schema)
     buffer = io.StringIO()
     command.upgrade(alembic_config(schema, output=buffer), revision, sql=True)
     return buffer.getvalue()

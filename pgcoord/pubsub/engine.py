@@ -196,7 +196,7 @@ class Engine:
         self, tag: str, channel: str, handler: Handler, debounce: float, *, durable: bool
     ) -> None:
         """Call ``handler`` for every message on ``channel`` of service ``tag``."""
-        check_key(channel, "channel")
+        check_key(channel, "channel", stored=False)
         check_callable(handler, "handler")
         debounce = check_non_negative(debounce, "debounce")
         pg = self._pg(tag, channel)
@@ -243,7 +243,7 @@ class Engine:
 
     async def unsubscribe(self, tag: str, channel: str, handler: Handler) -> None:
         """Stop calling ``handler`` for ``channel`` (no error if it was not subscribed)."""
-        check_key(channel, "channel")
+        check_key(channel, "channel", stored=False)
         check_callable(handler, "handler")
         pg = self._pg(tag, channel)
         ch = self._channels.get(pg)
@@ -277,7 +277,7 @@ class Engine:
         durable: bool,
     ) -> None:
         """Send ``message``; see PubSubManager.publish and SyncMessageManager.publish."""
-        check_key(channel, "channel")
+        check_key(channel, "channel", stored=False)
         flags = wire.flags_for(skip_self, only_self)
         if transaction is not None:
             txn.check_transaction(transaction)

@@ -19,7 +19,7 @@ import psycopg
 from pgcoord import _driver
 from pgcoord.dsn import DSN_ENV, resolve_or_embedded
 from pgcoord.queue import deadletters, queries
-from pgcoord.validation import check_identifier
+from pgcoord.validation import check_identifier, check_schema
 
 
 def _dsn(args: argparse.Namespace) -> str:
@@ -27,7 +27,7 @@ def _dsn(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace, action: Callable[..., Awaitable[int]]) -> int:
-    schema = check_identifier(args.schema, "schema")
+    schema = check_schema(args.schema)
     app = check_identifier(args.app, "app")
     dsn = _dsn(args)
 

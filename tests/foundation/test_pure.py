@@ -28,9 +28,51 @@ def test_identifier_refuses_non_str() -> None:
         validation.check_identifier(5, "schema")
 
 
-@pytest.mark.parametrize("key", ["k", "ключ", "🔑" * 255, "with\x00nul", "MiXeD"])
+@pytest.mark.parametrize("key", ["k", "ключ", "🔑" * 255, "MiXeD", "e\u0301 combining"])
 def test_keys_accept_any_unicode_up_to_255(key: str) -> None:
     assert validation.check_key(key) == key
+
+
+@pytest.mark.parametrize("key", ["with\x00nul", "lone \ud800", "low \udcff", "pair \ud83d\ude00"])
+def test_stored_keys_refuse_what_postgres_text_cannot_hold(key: str) -> None:
+    with pytest.raises(ValueError, match="NUL|surrogate"):
+        validation.check_key(key)
+
+
+@pytest.mark.parametrize("channel", ["with\x00nul", "lone \ud800", "low \udcff"])
+def test_hashed_channels_accept_nul_and_lone_surrogates(channel: str) -> None:
+    assert validation.check_key(channel, "channel", stored=False) == channel
+
+
+def test_hashed_channels_refuse_a_pair_written_as_two_code_units() -> None:
+    with pytest.raises(ValueError, match="surrogate pair"):
+        validation.check_key("\ud83d\ude00", "channel", stored=False)
+
+
+@pytest.mark.parametrize("value", [10**400, 1e300, -(10**400), 1e9 + 1])
+def test_durations_refuse_what_overflows_timers(value: float) -> None:
+    with pytest.raises(ValueError, match="too large|maximum"):
+        validation.check_positive(value, "ttl")
+
+
+def test_infinite_durations_pass_unless_finite_is_asked() -> None:
+    assert validation.check_positive(float("inf"), "timeout") == float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        validation.check_non_negative(float("inf"), "delay", finite=True)
+
+
+def test_schema_refuses_the_prefix_postgres_reserves() -> None:
+    with pytest.raises(ValueError, match="pg_"):
+        validation.check_schema("pg_x")
+    assert validation.check_schema("pgcoord") == "pgcoord"
+
+
+def test_storable_text_keeps_what_it_can_and_escapes_the_rest() -> None:
+    assert validation.storable("plain") == "plain"
+    text = validation.storable("a\x00b\ud800c\udcff 😀")
+    text.encode()  # a surrogate left in would raise here
+    assert "\x00" not in text
+    assert text == "a\\x00b\\ud800c\\udcff 😀"
 
 
 def test_keys_refuse_empty_long_and_non_str() -> None:
@@ -71,6 +113,8 @@ JSON_VALUES = [
     "",
     "NUL \x00 inside",
     "lone surrogate \ud800",
+    "low then high \udcff\ud800",
+    {"key \ud800": "x"},
     "emoji 🎉 and 中文",
     [],
     {},
@@ -101,6 +145,13 @@ def test_codec_round_trips_json_data(value: object) -> None:
 )
 def test_codec_refuses_non_json_with_type_error(value: object) -> None:
     with pytest.raises(TypeError):
+        codec.encode(value)
+
+
+@pytest.mark.parametrize("value", ["\ud83d\ude00", {"k": ["x", "pair \ud83d\ude00"]}])
+def test_codec_refuses_a_pair_json_would_merge(value: object) -> None:
+    # Sent as two code units, it would come back as the one character they encode.
+    with pytest.raises(ValueError, match="surrogate pair"):
         codec.encode(value)
 
 
