@@ -38,8 +38,15 @@ def _configure(**kwargs: Any) -> None:
     )
 
 
-def _create_schema() -> None:
+def _create_schema(connection: Any = None) -> None:
     # The version table lives in the schema, so the schema must exist before Alembic writes it.
+    # Online, an existing schema is left alone: CREATE SCHEMA IF NOT EXISTS checks CREATE on the
+    # database even when the schema exists, and an owner whose schema a DBA pre-created may
+    # lack it (docs/security.md).
+    if connection is not None:
+        found = connection.execute(text("SELECT to_regnamespace(:name)"), {"name": schema})
+        if found.scalar() is not None:
+            return
     quoted = context.get_context().dialect.identifier_preparer.quote_schema(schema)
     context.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quoted}"))
 
@@ -55,5 +62,5 @@ else:
     connection = config.attributes["connection"]
     _configure(connection=connection)
     with context.begin_transaction():
-        _create_schema()
+        _create_schema(connection)
         context.run_migrations()

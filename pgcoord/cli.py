@@ -1,4 +1,5 @@
-"""The ``pgcoord`` command: ``migrate``, ``demo``, ``server``, and what services add (``jobs``)."""
+"""The ``pgcoord`` command: ``migrate``, ``grant``, ``demo``, ``server``, and what services add
+(``jobs``)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     dsn = resolve_cli_dsn(args.dsn)
     migrate.upgrade(dsn, args.schema)
     print(f"pgcoord schema {args.schema!r} is at revision {migrate.head_revision()}")
+    return 0
+
+
+def _cmd_grant(args: argparse.Namespace) -> int:
+    from pgcoord import grants
+
+    if args.sql:
+        sys.stdout.write(grants.grant_sql(args.role, args.schema))
+        return 0
+    dsn = resolve_cli_dsn(args.dsn)
+    grants.grant(dsn, args.role, args.schema)
+    print(f"role {args.role!r} may now run every pgcoord service on schema {args.schema!r}")
     return 0
 
 
@@ -78,6 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the DDL instead of running it (no database needed)",
     )
     migrate.set_defaults(func=_cmd_migrate)
+
+    grant = sub.add_parser(
+        "grant",
+        help="give an application role what it needs on a schema the owner migrated",
+        description="Grant ROLE exactly what every pgcoord service needs on the schema (run "
+        "as the role that ran `pgcoord migrate`, after each migration); see docs/security.md.",
+    )
+    grant.add_argument("role", metavar="ROLE", help="the role the application connects as")
+    grant.add_argument(
+        "--dsn",
+        default=None,
+        help=f"PostgreSQL DSN of the schema's owner (default: ${DSN_ENV}, else the embedded server)",
+    )
+    grant.add_argument(
+        "--schema", default="pgcoord", help="schema holding pgcoord's tables (default: pgcoord)"
+    )
+    grant.add_argument(
+        "--sql",
+        action="store_true",
+        help="print the GRANT statements instead of running them (no database needed)",
+    )
+    grant.set_defaults(func=_cmd_grant)
 
     demo = sub.add_parser(
         "demo", help="run a live multi-instance demo (embedded server by default)"

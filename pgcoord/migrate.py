@@ -3,6 +3,11 @@
 ``upgrade`` takes a session-level advisory lock (keyed by the schema name) before it reads the
 version, so ten instances starting together with ``migrate=True`` migrate exactly once: the first
 upgrades, the others wait and then find the schema at head.
+
+Whoever runs the migration owns what it creates. In a least-privilege setup (docs/security.md)
+that is an owner role, and the application role, which may not create anything, gets its
+privileges from :mod:`pgcoord.grants`; a migration it attempts fails with a
+:class:`~pgcoord.errors.DatabaseError` (SQLSTATE 42501) saying so.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from alembic.script import ScriptDirectory
 
 from pgcoord import _driver
 from pgcoord import _statements as statements
-from pgcoord.errors import SchemaOutdatedError
+from pgcoord._conninfo import describe_server
+from pgcoord.errors import DatabaseError, SchemaOutdatedError
 from pgcoord.names import advisory_key
 from pgcoord.schema import VERSION_TABLE
 from pgcoord.validation import check_schema
@@ -83,9 +89,26 @@ def _run_locked(dsn: str, schema: str, connect_timeout: float, action: str, revi
         _run_on(engine, dsn, schema, action, revision)
     except sa.exc.DBAPIError as exc:
         # SQLAlchemy wraps the driver's error; translate the original one.
-        raise _driver.translate(exc.orig or exc, dsn) from exc
+        orig = exc.orig or exc
+        if isinstance(orig, psycopg.errors.InsufficientPrivilege):
+            raise _not_the_owner(dsn, schema, orig) from exc
+        raise _driver.translate(orig, dsn) from exc
     finally:
         engine.dispose()
+
+
+def _not_the_owner(dsn: str, schema: str, exc: psycopg.Error) -> DatabaseError:
+    # The usual cause: an application role (docs/security.md) started with migrate=True
+    # against a schema that is not at head, or ran `pgcoord migrate` itself. The server's
+    # message alone ("permission denied for database x") does not say what to do.
+    return DatabaseError(
+        f"the connecting role may not migrate schema {schema!r} "
+        f"({describe_server(dsn)}): {exc}. Run `pgcoord migrate --schema {schema}` "
+        "as the role that owns pgcoord's schema (with CREATE on the database), then "
+        f"`pgcoord grant ROLE --schema {schema}`, and start the application's instances with "
+        "migrate=False (see docs/security.md)",
+        sqlstate=exc.sqlstate,
+    )
 
 
 def _run_on(engine: sa.Engine, dsn: str, schema: str, action: str, revision: str) -> None:

@@ -1,0 +1,1 @@
+"""The least-privilege model: an owner role migrates, an application role runs, strangers fail."""
