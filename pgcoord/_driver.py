@@ -19,6 +19,7 @@ import psycopg.conninfo
 from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from pgcoord import _statements as statements
 from pgcoord._conninfo import describe_server as describe_server  # re-exported
 from pgcoord._deadline import Connection
 from pgcoord._retry import Backoff
@@ -117,8 +118,9 @@ def translate(exc: BaseException, dsn: str | None = None, what: str = "") -> Pgc
     sqlstate = getattr(exc, "sqlstate", None) or ""
     if isinstance(exc, psycopg.errors.AdminShutdown | psycopg.errors.ConnectionException) or (
         # Raised at connect as a plain OperationalError carrying the code: class 08 (e.g.
-        # PgBouncer's "server login has been failing", 08P01) and the 57P0x shutdowns.
-        sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
+        # PgBouncer's "server login has been failing", 08P01) and the 57P0x ends of a session.
+        # 57P04 database dropped, 57P05 idle-session timeout: the session is gone either way.
+        sqlstate.startswith(("08", "57P0"))
     ):
         return ConnectionFailedError(f"the PostgreSQL connection was closed{where}: {exc}")
     if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
@@ -203,6 +205,14 @@ async def _reconnect_again(pool: AsyncConnectionPool) -> None:
         await pool.check()
 
 
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    # A database or role default idle_session_timeout would have the server close the pool's
+    # sessions during every quiet period (and a statement sent in the instant it does fails
+    # with 57P05). Once per connection: nothing else pgcoord sends changes it for good (a
+    # held lock arms it as its lease and disarms it when it lets go).
+    await conn.execute(statements.WORK_SESSION_SETUP)
+
+
 def make_pool(dsn: str, *, max_size: int, connect_timeout: float, name: str) -> AsyncConnectionPool:
     """The work pool: autocommit connections, one kept open when idle, more on demand.
 
@@ -224,6 +234,7 @@ def make_pool(dsn: str, *, max_size: int, connect_timeout: float, name: str) -> 
         reconnect_failed=_reconnect_again,
         kwargs={"autocommit": True, **connect_kwargs(connect_timeout)},
         connection_class=Connection,
+        configure=_configure,
         open=False,
         name=name,
         # No per-borrow `check`: it would cost a round trip on every operation. A connection

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 import psycopg.conninfo
+import psycopg.pq
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -222,6 +224,34 @@ class EngineSource(WorkSource):
 
     def _waiting(self) -> bool:
         return self._queued > 0
+
+
+def pool_dsn(pool: AsyncConnectionPool) -> str | None:
+    """The libpq conninfo a caller's ``pool=`` connects with (its ``conninfo`` plus the
+    connection parameters among its ``kwargs``), so the listener and every other connection
+    pgcoord opens reach the pool's database; None when the pool computes it per connection
+    (a callable), which only a ``dsn=`` can then say.
+
+    ``""`` is a real answer: libpq's defaults (``$PGHOST``, ...), exactly what the pool uses.
+    """
+    conninfo, kwargs = pool.conninfo, pool.kwargs
+    if not isinstance(conninfo, str) or (kwargs is not None and not isinstance(kwargs, dict)):
+        return None
+    # Only libpq's own keywords: the rest (autocommit, prepare_threshold, ...) are psycopg's.
+    params = {
+        key: value
+        for key, value in (kwargs or {}).items()
+        if key in _libpq_keywords() and isinstance(value, str | int) and not isinstance(value, bool)
+    }
+    try:
+        return psycopg.conninfo.make_conninfo(conninfo, **params)
+    except psycopg.ProgrammingError:
+        return None
+
+
+@functools.cache
+def _libpq_keywords() -> frozenset[str]:
+    return frozenset(option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults())
 
 
 def engine_dsn(engine: Any) -> str:

@@ -17,6 +17,8 @@ _PLAIN = render({k: v for k, v in _FILE.items() if "{" not in v})
 
 LISTENER_SETUP = _PLAIN["listener_setup"]
 PING = _PLAIN["ping"]
+WORK_SESSION_SETUP = _PLAIN["work_session_setup"]
+LISTENER_DATABASE = _PLAIN["listener_database"]
 MIGRATION_LOCK = _PLAIN["migration_lock"].decode()  # for SQLAlchemy's exec_driver_sql
 MIGRATION_UNLOCK = _PLAIN["migration_unlock"].decode()
 BACKEND_PID = _PLAIN["backend_pid"]

@@ -14,8 +14,9 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from pgcoord import _deadline, _driver, _pooler, _shared
+from pgcoord import _statements as statements
 from pgcoord import migrate as migrations
-from pgcoord._sources import EngineSource, PoolSource, WorkSource, engine_dsn
+from pgcoord._sources import EngineSource, PoolSource, WorkSource, engine_dsn, pool_dsn
 from pgcoord.cache import Cache, CacheManager
 from pgcoord.dsn import DSN_ENV, resolve_dsn
 from pgcoord.errors import (
@@ -75,7 +76,10 @@ class Coordinator:
     ``pool`` shares a caller's ``AsyncConnectionPool``, ``engine`` borrows from a SQLAlchemy
     ``AsyncEngine`` (driver ``postgresql+psycopg``; at most ``max_connections - 1`` of its
     connections at once); either way pgcoord adds only the shared listener, whose DSN is
-    ``dsn`` or else the engine's URL. Both are left open at stop. ``connect_timeout`` bounds
+    ``dsn`` or else what the pool (its ``conninfo`` and ``kwargs``) or the engine (its URL)
+    connects with, never ``$PGCOORD_DSN``. Given both, ``start()`` refuses a ``dsn`` that
+    reaches another database than the pool's or engine's connections (InvalidInputError:
+    NOTIFY is per database). Both are left open at stop. ``connect_timeout`` bounds
     every connection attempt (a server refusing for lack of slots is retried within it),
     ``heartbeat`` is how often a quiet listener proves its connection (the first Coordinator
     of a shared listener sets both for it). ``command_timeout`` (default 10 s) bounds each
@@ -113,6 +117,15 @@ class Coordinator:
                 "give pool= or engine=, not both: pgcoord borrows its work connections from one"
             )
         self._engine_dsn = engine_dsn(engine) if engine is not None else None
+        # The listener, lock sessions and migrations must reach the database the caller's pool
+        # reaches, or notifications sent from one are never heard on the other.
+        self._pool_dsn = pool_dsn(pool) if pool is not None else None
+        if pool is not None and not dsn and self._pool_dsn is None:
+            raise InvalidInputError(
+                "pool= computes its conninfo or kwargs per connection (a callable), so pgcoord "
+                "cannot tell which database it reaches: give dsn= too, naming that database "
+                "(pgcoord's listener and lock sessions connect with it)"
+            )
         check_int(max_connections, "max_connections")
         if pool_size is not None:
             warnings.warn(
@@ -250,7 +263,7 @@ class Coordinator:
 
     async def _start(self) -> None:
         rt = self._rt
-        dsn = resolve_dsn(self._dsn) or self._engine_dsn
+        dsn = self._server_dsn()
         if dsn is None:
             from pgcoord.embedded import ensure_server
 
@@ -272,6 +285,8 @@ class Coordinator:
         view = ListenerView(listener)
         rt.attach(view, await self._open_source(link, dsn))
         self._source_open = True
+        if self._external_pool is not None or self._engine is not None:
+            await self._check_same_database()
         await _pooler.refuse_transaction_pooling(rt)
         await self._check_schema(dsn)
         self._services_started = True
@@ -282,6 +297,42 @@ class Coordinator:
         log.info(
             "pgcoord instance %s started (app=%s, schema=%s)", rt.instance_id, rt.app, rt.schema
         )
+
+    def _server_dsn(self) -> str | None:
+        """The DSN of everything pgcoord connects itself (listener, lock sessions, migrations):
+        ``dsn=``, else the one ``pool=`` or ``engine=`` connects with, else ``$PGCOORD_DSN``;
+        None means the embedded server. (A caller's pool or engine comes before the
+        environment: a listener elsewhere than the work connections would hear nothing.)"""
+        if self._dsn:
+            return self._dsn
+        if self._pool_dsn is not None:
+            return self._pool_dsn  # "" is libpq's defaults, exactly what the pool uses
+        if self._engine_dsn is not None:
+            return self._engine_dsn
+        return resolve_dsn(None)
+
+    async def _check_same_database(self) -> None:
+        """Refuse work connections (``pool=``/``engine=``) that reach another database than the
+        listener (``dsn=``): pub/sub messages, wake-ups and lock releases would all be lost."""
+        rt = self._rt
+        identity = rt.listener.identity
+        if identity is None:
+            return  # the listener is reconnecting: start() fails elsewhere if it stays down
+        pid, backend_start = identity
+        what = "start: the work connections' database"
+        async with rt.connection(what, rt.connect_timeout) as conn:
+            cur = await conn.execute(statements.LISTENER_DATABASE, (backend_start, pid))
+            row = await cur.fetchone()
+            work = conn.info.dbname
+        if row is None or not row[0] or not row[1]:
+            given = "pool=" if self._external_pool is not None else "engine="
+            where = f"database {work!r}" + (" on another server" if row is None else "")
+            raise InvalidInputError(
+                f"dsn= and {given} must reach the same database: the listener connected with "
+                f"dsn= to {_driver.describe_server(rt.dsn or '')}, but {given}'s connections "
+                f"reach {where}. NOTIFY is per database, so messages would be lost; drop dsn= "
+                f"(pgcoord then uses {given}'s own conninfo) or make it name that database"
+            )
 
     async def _open_source(self, link: _shared.ServerLink, dsn: str) -> WorkSource:
         rt = self._rt

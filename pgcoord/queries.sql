@@ -13,6 +13,22 @@ SELECT set_config('idle_session_timeout', '0', false),
        (SELECT backend_start FROM pg_stat_get_activity(pg_backend_pid())),
        pg_backend_pid()
 
+-- name: work_session_setup
+-- Every connection of pgcoord's own work pool, once when it opens: a database or role default
+-- idle_session_timeout (a DBA's safeguard) would make the server close pooled sessions
+-- during every quiet period. A held lock arms the timeout on its own session as its lease
+-- (pgcoord/locks/queries.sql) and sets it back to 0 when it lets go.
+SELECT set_config('idle_session_timeout', '0', false)
+
+-- name: listener_database
+-- At start with pool= or engine=: whether the listener's session (its server pid and start)
+-- runs on this work connection's server and in its database (NOTIFY is per database). datid
+-- is visible for every session; backend_start only for the role's own ones (or with
+-- pg_read_all_stats), NULL otherwise. No row: that pid is not on this server.
+SELECT a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()),
+       a.backend_start IS NULL OR a.backend_start = %s
+FROM pg_stat_get_activity(%s) a
+
 -- name: ping
 -- The listener's heartbeat: the cheapest statement the server must answer.
 SELECT 1

@@ -8,9 +8,9 @@ works) and reach work connections and the listener through :class:`Runtime`, whi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -25,6 +25,8 @@ from pgcoord.errors import (
     NotRunningError,
 )
 from pgcoord.listener import ListenerView
+
+T = TypeVar("T")
 
 _NOT_RUNNING = (
     "the pgcoord Coordinator is not running; use `async with coord:` or await coord.start()"
@@ -166,6 +168,35 @@ class Runtime:
         ``what``) raised. psycopg errors inside the block come out as pgcoord errors."""
         return Borrowed(self, what, self.command_timeout if timeout is None else timeout)
 
+    async def run(
+        self,
+        what: str,
+        step: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+    ) -> T:
+        """``await step(conn)`` on a connection borrowed as :meth:`connection` does, run once
+        more on a fresh connection when the first one turns out to be dead.
+
+        The borrow already discards sessions the server closed while they sat idle; what it
+        cannot see is a session ended in the instant between that check and the statement.
+        The step is run again only when that cannot do it twice: always when the server said
+        it ended the session for idling (57P05: it never read the statement), and after any
+        other lost connection (class 08, 57P0x) only for an ``idempotent`` step (a read, or a
+        write whose second run changes nothing). A step that ran out of time is not retried.
+        """
+        for attempt in (1, 2):
+            entered = False
+            try:
+                async with self.connection(what, timeout) as conn:
+                    entered = True
+                    return await step(conn)
+            except ConnectionFailedError as exc:
+                if attempt == 2 or not entered or not retryable(exc, idempotent=idempotent):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def table(self, name: str) -> sql.Identifier:
         """A schema-qualified table identifier for SQL composed with ``psycopg.sql``."""
         return sql.Identifier(self.schema, name)
@@ -177,6 +208,21 @@ class Runtime:
     def advisory_key(self, service: str, name: str) -> int:
         """The 64-bit advisory lock key for ``name`` in ``service`` of this app."""
         return names.advisory_key(self.schema, self.app, service, name)
+
+
+#: The SQLSTATE of a session the server ended because it sat idle (``idle_session_timeout``).
+IDLE_SESSION_TIMEOUT = "57P05"
+
+
+def retryable(exc: ConnectionFailedError, *, idempotent: bool) -> bool:
+    """Whether a step that failed with ``exc`` may run again on a fresh connection (see
+    :meth:`Runtime.run`)."""
+    if isinstance(exc, CommandTimeoutError):
+        return False  # severed at its deadline: it may be running still, or have committed
+    if idempotent:
+        return True
+    cause = exc.__cause__
+    return getattr(cause, "sqlstate", None) == IDLE_SESSION_TIMEOUT
 
 
 class Service:

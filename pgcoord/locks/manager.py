@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import logging
 import math
+import random
 import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -100,7 +101,9 @@ class LockManager(Service):
     ``PROMOTE_AFTER`` old. Options: ``lock_max_connections`` (default: all but one of the work
     connections, at most 2) bounds the work connections lending themselves to fresh locks at once (older
     ones are promoted to make room; default 2); ``lock_recheck`` (default 1 s) is how often a waiter
-    looks again without a wake-up. ``lock_key_connections`` and ``lock_idle_timeout`` are
+    looks again without a wake-up; ``lock_sweep_interval`` (default 60 s) is how often each
+    instance deletes lease rows nobody will release (a dead or frozen holder's, a mark on a
+    free key). ``lock_key_connections`` and ``lock_idle_timeout`` are
     still accepted and validated, and no longer needed.
     """
 
@@ -109,6 +112,7 @@ class LockManager(Service):
         "lock_recheck": 1.0,
         "lock_key_connections": 1,
         "lock_idle_timeout": 10.0,
+        "lock_sweep_interval": 60.0,
     }
 
     def __init__(self, runtime: Runtime) -> None:
@@ -120,6 +124,10 @@ class LockManager(Service):
         self._recheck = check_positive(self.option("lock_recheck"), "lock_recheck")
         check_int(self.option("lock_key_connections"), "lock_key_connections", minimum=1)
         check_positive(self.option("lock_idle_timeout"), "lock_idle_timeout")
+        self._sweep_interval = check_positive(
+            self.option("lock_sweep_interval"), "lock_sweep_interval", finite=True
+        )
+        self._sweeper: asyncio.Task[None] | None = None
         self._queries = LockQueries.for_schema(runtime.schema)
         self._port = _LockPort(self)  # what each Lock may call back
         # One task per key on the server: the session holding a key re-enters it, so tasks
@@ -141,9 +149,15 @@ class LockManager(Service):
     async def start(self) -> None:
         self._stopping = False
         self._rt.listener.add_lost_hook(self._on_listener_lost)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def stop(self) -> None:
         self._stopping = True
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(BaseException):
+                await sweeper
         with contextlib.suppress(NotRunningError):
             self._rt.listener.remove_lost_hook(self._on_listener_lost)
         for event in self._wakeups.values():
@@ -166,6 +180,36 @@ class LockManager(Service):
         except Exception:
             log.warning("pgcoord: could not free this instance's lease rows at stop")
         await self._tasks.wait()
+
+    async def _sweep(self) -> int:
+        """Delete lease rows that hold nothing any more (a dead holder's, an ended lease's, a
+        mark on a free key); return how many. Runs every ``lock_sweep_interval`` seconds on
+        every instance; see docs/locks.md, "Rows left behind"."""
+        # Private: a public method would need its blocking twin (pgcoord/blocking_managers.py).
+        self._check_running()
+
+        async def delete(conn: Connection) -> int:
+            cur = await conn.execute(self._queries.sweep)
+            return max(cur.rowcount, 0)
+
+        return await self._rt.run("locks sweep", delete, idempotent=True)
+
+    async def _sweep_forever(self) -> None:
+        # Instances started together sweep at different moments (a random first wait), and
+        # each sweeps about once per interval: several sweeping at once only share the work.
+        wait = random.uniform(0.0, self._sweep_interval)
+        while True:
+            await asyncio.sleep(wait)
+            wait = self._sweep_interval * random.uniform(0.8, 1.2)
+            if self._stopped():
+                continue
+            try:
+                deleted = await self._sweep()
+            except Exception as exc:
+                log.warning("pgcoord: sweeping lock_leases failed: %s", exc)
+            else:
+                if deleted:
+                    log.debug("pgcoord: swept %d lock_leases rows that held nothing", deleted)
 
     def _check_running(self) -> None:
         if self._stopped():
@@ -633,13 +677,17 @@ class LockManager(Service):
                 if row and row[2]:  # contended: clear the mark and NOTIFY the waiters
                     await conn.execute(q.wake_waiters, (lock.advisory_key, lock.channel))
             return bool(row and row[0])
-        else:
-            async with self._rt.connection(f"lock release {lock.key!r}") as pooled:
-                cur = await pooled.execute(
-                    q.release_lease, (lock.advisory_key, lock.token, lock.channel), binary=True
-                )
-        row = await cur.fetchone()
-        return bool(row and row[0])
+
+        async def release_lease(pooled: Connection) -> bool:
+            cur = await pooled.execute(
+                q.release_lease, (lock.advisory_key, lock.token, lock.channel), binary=True
+            )
+            row = await cur.fetchone()
+            return bool(row and row[0])
+
+        # Not idempotent (a second run finds no row and would call the lock lost): retried
+        # only when the server says the statement was never read.
+        return await self._rt.run(f"lock release {lock.key!r}", release_lease)
 
     async def _extend(self, lock: Lock, conn: Connection | None, ttl: float | None) -> bool:
         q = self._queries
@@ -654,11 +702,15 @@ class LockManager(Service):
             return True
         left = None if until is None else until - asyncio.get_running_loop().time()
         timeout = self._rt.command_timeout if left is None else min(left, self._rt.command_timeout)
-        async with self._rt.connection(what, max(0.0, timeout)) as pooled:
+
+        async def extend_lease(pooled: Connection) -> bool:
             cur = await pooled.execute(
                 q.extend_lease, (ttl_ms, ttl, lock.advisory_key, lock.token), binary=True
             )
             return await cur.fetchone() is not None
+
+        # Idempotent: a second run restarts the same lease from a later moment.
+        return await self._rt.run(what, extend_lease, timeout=max(0.0, timeout), idempotent=True)
 
     async def _give_back(self, conn: Connection) -> None:
         await self._rt.release(conn)
@@ -719,9 +771,12 @@ class LockManager(Service):
             if manager._same_server(self):
                 for lock in list(manager._sessions):
                     await lock.promote_soon()
-        async with self._rt.connection("locks holders") as conn:
+
+        async def read(conn: Connection) -> list[tuple[Any, ...]]:
             cur = await conn.execute(self._queries.holders, (self._rt.app,))
-            rows = await cur.fetchall()
+            return await cur.fetchall()
+
+        rows = await self._rt.run("locks holders", read, idempotent=True)
         holders = []
         for name, instance_id, pid, ttl_ms, since, expires_in in rows:
             holders.append(

@@ -48,6 +48,7 @@ class LockQueries:
     release_lease: bytes
     extend_lease: bytes
     release_instance: bytes
+    sweep: bytes
     notify_many: bytes
     holders: bytes
     xact_lock: str  # runs on the caller's connection or session (pgcoord.transaction)

@@ -88,6 +88,28 @@ RETURNING true
 -- wait for the ttl), returning which keys had waiters to notify.
 DELETE FROM {leases} WHERE instance_id = %s RETURNING name, wanted
 
+-- name: sweep
+-- Delete the rows that hold nothing any more, which nothing else would ever delete for a key
+-- nobody takes again: a promoted lease whose holder's LISTEN session is gone (its process
+-- died) or whose lease ended (a frozen or cut-off holder, which already counts it lost), and a
+-- waiter's mark on a key no session or transaction holds (its holder died before it could
+-- wake anyone). Any app's: such a row changes nothing for anyone. A mark on a key that becomes
+-- held just after this look costs its waiter at most one lock_recheck. The advisory locks of
+-- this database are read once (pg_locks shows a bigint key split in classid, the high 32 bits,
+-- and objid, the low ones, with objsubid 1).
+WITH held AS MATERIALIZED (
+    SELECT (k.classid::bigint << 32) | k.objid::bigint AS lock_key
+    FROM pg_locks k
+    WHERE k.locktype = 'advisory' AND k.objsubid = 1
+      AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+)
+DELETE FROM {leases} l
+WHERE CASE WHEN l.holder_pid IS NOT NULL
+           THEN (l.expires_at IS NOT NULL AND l.expires_at <= clock_timestamp())
+                OR NOT {lock_alive}(l.holder_pid, l.holder_start)
+           ELSE l.lock_key NOT IN (SELECT h.lock_key FROM held h)
+      END
+
 -- name: notify_many
 -- Wake the waiters of many channels in one statement (one array parameter).
 SELECT pg_notify(c, '') FROM unnest(%s::text[]) AS c
