@@ -300,6 +300,11 @@ class BlockingPubSub(_ServiceTwin[PubSubManager]):
         """Blocking :meth:`PubSubManager.sweep <pgcoord.PubSubManager.sweep>`."""
         return self._loop.run(self._async.sweep)
 
+    @property
+    def dropped(self) -> int:
+        """:attr:`PubSubManager.dropped <pgcoord.PubSubManager.dropped>`."""
+        return self._async.dropped
+
 
 class BlockingSyncMessages(_ServiceTwin[SyncMessageManager]):
     """A :class:`~pgcoord.SyncMessageManager` for sync code; handlers run on the loop thread."""

@@ -268,7 +268,11 @@ class Listener:
                 await self._serve(self._conn)
             except asyncio.CancelledError:
                 raise
-            except (psycopg.Error, PgcoordError, OSError, TimeoutError) as exc:
+            except (psycopg.Error, PgcoordError, OSError, TimeoutError, UnicodeDecodeError) as exc:
+                # UnicodeDecodeError: psycopg decodes each payload in the client encoding, and
+                # in a SQL_ASCII database anyone may NOTIFY bytes that do not decode. The rest
+                # of that packet is lost with it, so it is handled as a lost connection (the
+                # reconnect hooks catch up) rather than ending the listener for good.
                 self._connected.clear()
                 # A waiter must not hang on a connection that is gone: its channel is LISTENed
                 # again on reconnect, and the reconnect hooks cover the gap.

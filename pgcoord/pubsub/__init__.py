@@ -30,12 +30,19 @@ class PubSubManager(Service):
     Options (``Coordinator(**options)``): ``pubsub_max_payload`` (bytes of message JSON; larger
     messages raise :class:`~pgcoord.PayloadTooLargeError` before anything is sent; default
     16 MiB), ``pubsub_spill_retention`` (seconds a large or transactional pub/sub message stays
-    in the message log for receivers to read; default 60).
+    in the message log for receivers to read; default 60), ``pubsub_backlog`` (messages one
+    subscription keeps in memory for a handler slower than its channel; when full, pub/sub drops
+    the oldest, counted in :attr:`dropped`, and sync messages are read back from the log
+    instead; default 10,000), ``pubsub_via_table`` (every pub/sub message travels through the
+    message log and its NOTIFY carries only a pointer, so a NOTIFY forged by any role with
+    CONNECT delivers nothing; set it on every instance of the app; default False).
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {
         "pubsub_max_payload": 16 * 1024 * 1024,
         "pubsub_spill_retention": 60.0,
+        "pubsub_backlog": 10_000,
+        "pubsub_via_table": False,
     }
 
     def __init__(self, runtime: Runtime, engine: Engine) -> None:
@@ -81,6 +88,13 @@ class PubSubManager(Service):
             transaction=transaction,
             durable=False,
         )
+
+    @property
+    def dropped(self) -> int:
+        """Pub/sub messages dropped since construction because a subscription's backlog
+        (``pubsub_backlog``) was full: its handler was slower than its channel. Sync messages
+        are never dropped this way."""
+        return self._engine.dropped
 
     async def sweep(self) -> int:
         """Delete expired rows of the message log now (it also happens in the background)."""

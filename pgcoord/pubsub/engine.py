@@ -1,9 +1,12 @@
 """The machinery shared by pub/sub, sync messages and plugins: publish, receive, catch up.
 
 Receiving. The listener calls :meth:`Engine.on_notify` for every notification, in the order
-Postgres delivers them, which is commit order. Some notifications carry the envelope itself and
-are ready at once; others (a spilled payload, a transaction's wake-up, the catch-up after a
-reconnect) need a read from ``message_log``. Each becomes an item of one FIFO *pipeline*: reads
+Postgres delivers them, which is commit order. A plain pub/sub notification carries the envelope
+itself and is ready at once; others (a sync message, a large payload, every pub/sub message under
+``pubsub_via_table``, a transaction's wake-up, the catch-up after a reconnect) need a read from
+``message_log``. Any role with CONNECT may NOTIFY any channel, so a payload is checked before it
+is used, and on a channel whose real messages are all pointers an envelope carried by the NOTIFY
+is ignored: what such channels deliver comes from the table, which privileges protect. Each becomes an item of one FIFO *pipeline*: reads
 start at once and run concurrently, but items are handed to the subscriptions strictly in
 arrival order, so a handler sees the messages of a channel in commit order whatever path they
 took. When the pipeline is empty, a ready message is handed over immediately (the fast path).
@@ -19,6 +22,13 @@ transaction inserts, not when it commits, so a row committed late behind a highe
 skipped forever. For the same reason the catch-up replays rows by ``commit_seq``, which a deferred
 trigger takes at COMMIT under one advisory lock (migration 0002): that is commit order, the order
 live NOTIFY delivery follows, even for overlapping transactions of different publishers.
+
+Backlogs. Each subscription keeps at most ``pubsub_backlog`` messages for its handler
+(:mod:`pgcoord.pubsub.subscription`); a sync subscription that falls further behind reads the
+rest back through :meth:`Engine.reread`, by ``commit_seq``.
+
+Retention. Every row names its app; an app's sweeper deletes only its own rows, by its own
+retentions, so apps sharing a schema never shorten each other's catch-up.
 """
 
 from __future__ import annotations
@@ -31,16 +41,16 @@ import random
 from collections import deque
 from collections.abc import Coroutine, Mapping, Sequence
 from functools import lru_cache
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from pgcoord import codec
 from pgcoord import transaction as txn
 from pgcoord._retry import Backoff, TaskSet
-from pgcoord.errors import PgcoordError
+from pgcoord.errors import InvalidTypeError, PgcoordError
 from pgcoord.pubsub import envelope as wire
 from pgcoord.pubsub.queries import Queries
 from pgcoord.pubsub.seen import SeenIds
-from pgcoord.pubsub.subscription import Handler, Subscription
+from pgcoord.pubsub.subscription import Handler, Reread, Subscription
 from pgcoord.runtime import Runtime
 from pgcoord.validation import (
     check_callable,
@@ -52,8 +62,20 @@ from pgcoord.validation import (
 
 log = logging.getLogger("pgcoord.pubsub")
 
-#: A batch of messages ready for the subscriptions: (Postgres channel, envelope) pairs.
-Ready: TypeAlias = list[tuple[str, wire.Envelope]]
+
+class Arrival(NamedTuple):
+    """One message ready for the subscriptions of its Postgres channel."""
+
+    pg: str
+    envelope: wire.Envelope
+    #: Read from ``message_log`` (not carried by the NOTIFY itself).
+    logged: bool = False
+    #: The row's commit-order number: sync messages only.
+    commit_seq: int | None = None
+
+
+#: A batch of messages ready for the subscriptions, in arrival order.
+Ready: TypeAlias = list[Arrival]
 Item: TypeAlias = Ready | asyncio.Task[Ready]
 
 # Reads for the pipeline retry for about this long (a restarting server) before giving up.
@@ -91,12 +113,23 @@ class Engine:
     """
 
     def __init__(
-        self, rt: Runtime, *, max_payload: int, spill_retention: float, sync_retention: float
+        self,
+        rt: Runtime,
+        *,
+        max_payload: int,
+        spill_retention: float,
+        sync_retention: float,
+        backlog: int = 10_000,
+        via_table: bool = False,
     ) -> None:
         self._rt = rt
         self.max_payload = max_payload
         self.spill_retention = spill_retention
         self.sync_retention = sync_retention
+        self.backlog = backlog
+        self.via_table = via_table
+        #: Pub/sub messages dropped from full subscription backlogs since construction.
+        self.dropped = 0
         self._q = Queries(rt.table("message_log"))
         self._wake = rt.channel("wake", "transactions")
         self._sweep_key = rt.advisory_key("pubsub", "sweep")
@@ -106,6 +139,15 @@ class Engine:
         self._channels: dict[str, _Channel] = {}
         self._snapshots: dict[str, str] = {}
         self._seen = SeenIds(self.sync_retention + _SEEN_MARGIN)
+        # Pub/sub messages read from the log, remembered as long as the reads would return
+        # them: a pointer or wake-up that anyone can NOTIFY again must not replay one.
+        self._seen_logged = SeenIds(self.spill_retention + _SEEN_MARGIN)
+        # How old a row reads by pointer or wake-up still return (sync, pub/sub): past its
+        # retention, with slack for a delayed read, and well within the seen-id horizons.
+        self._windows = (
+            self.sync_retention + _SEEN_MARGIN / 2,
+            self.spill_retention + _SEEN_MARGIN / 2,
+        )
         self._pipeline: deque[Item] = deque()
         self._drainer: asyncio.Task[None] | None = None
         # Reads feeding the pipeline: the drainer awaits each one and logs its failure.
@@ -117,13 +159,18 @@ class Engine:
     @classmethod
     def from_options(cls, rt: Runtime, defaults: Mapping[str, Any]) -> Engine:
         """The engine the Coordinator's options configure: ``pubsub_max_payload``,
-        ``pubsub_spill_retention`` (PubSubManager's) and ``sync_log_retention``
-        (SyncMessageManager's), each else its default from ``defaults``; a bad value raises
-        ValueError/TypeError naming the option."""
+        ``pubsub_spill_retention``, ``pubsub_backlog``, ``pubsub_via_table`` (PubSubManager's)
+        and ``sync_log_retention`` (SyncMessageManager's), each else its default from
+        ``defaults``; a bad value raises ValueError/TypeError naming the option."""
 
         def option(name: str) -> Any:
             return rt.options.get(name, defaults[name])
 
+        via_table = option("pubsub_via_table")
+        if not isinstance(via_table, bool):
+            raise InvalidTypeError(
+                f"pubsub_via_table must be a bool, not {type(via_table).__name__}"
+            )
         return cls(
             rt,
             max_payload=check_int(option("pubsub_max_payload"), "pubsub_max_payload", minimum=1),
@@ -131,6 +178,8 @@ class Engine:
                 option("pubsub_spill_retention"), "pubsub_spill_retention"
             ),
             sync_retention=check_positive(option("sync_log_retention"), "sync_log_retention"),
+            backlog=check_int(option("pubsub_backlog"), "pubsub_backlog", minimum=1),
+            via_table=via_table,
         )
 
     # -- names -----------------------------------------------------------------------------
@@ -210,7 +259,9 @@ class Engine:
                 # Subscribing the same handler again delivers once; the newer debounce wins.
                 sub.debounce = debounce
                 return
-        sub = Subscription(channel, handler, debounce)
+        sub = Subscription(
+            channel, handler, debounce, backlog=self.backlog, durable=durable, host=self
+        )
         subs.append(sub)
         if not self._running:
             return
@@ -287,17 +338,23 @@ class Engine:
             _channel_json(channel), self._sender_json, next(self._seq), flags, text
         )
         pg = self._pg(tag, channel)
+        app = self._rt.app
         if transaction is not None:
             await txn.execute(
-                transaction, self._q.insert_in_transaction, (pg, durable, envelope, self._wake)
+                transaction,
+                self._q.insert_in_transaction,
+                (app, pg, durable, envelope, self._wake),
             )
             return
-        inline = wire.fits_notify(envelope)
         what = "sync message publish" if durable else "pub/sub publish"
-        if inline and not durable:
+        # A sync message always travels as a pointer to its row, and so does every pub/sub
+        # message under pubsub_via_table: receivers then deliver only what is in the table,
+        # which privileges protect, never a payload that anyone with CONNECT can NOTIFY.
+        inline = not durable and not self.via_table and wire.fits_notify(envelope)
+        if inline:
             await self._send(self._q.notify, (pg, envelope), what)
         else:
-            await self._send(self._q.insert_and_notify, (pg, durable, envelope, inline), what)
+            await self._send(self._q.insert_and_notify, (app, pg, durable, envelope), what)
 
     async def _send(self, query: bytes, params: Sequence[Any], what: str) -> None:
         # Not retried: a connection the server closed while idle is replaced before anything
@@ -318,24 +375,36 @@ class Engine:
         if self._rt.listener.reconnects != self._reconnects:
             self.on_reconnect()
         item: Item
+        # Anyone with CONNECT may NOTIFY any channel (docs/security.md): every payload is
+        # checked, and a malformed one is logged and dropped without touching the server.
         if pg == self._wake:
             if not self._channels:
                 return
             try:
-                xid = int(payload)
-            except ValueError:
-                log.warning("pgcoord: dropped a malformed wake-up %r", payload[:100])
+                xid = wire.wake_xid(payload)
+            except ValueError as exc:
+                log.warning("pgcoord: dropped a notification on %s: %s", pg, exc)
                 return
             item = self._spawn(self._read_transaction(xid))
         else:
-            if pg not in self._channels:
+            ch = self._channels.get(pg)
+            if ch is None:
                 return
-            row_id = wire.pointer_id(payload)
+            try:
+                row_id = wire.pointer_id(payload)
+            except ValueError as exc:
+                log.warning("pgcoord: dropped a malformed message on %s: %s", pg, exc)
+                return
             if row_id is not None:
-                item = self._spawn(self._read_spilled(row_id))
+                item = self._spawn(self._on_channel(pg, self._read_spilled(row_id)))
+            elif ch.durable or self.via_table:
+                # Real messages of this channel come as pointers: an envelope in the NOTIFY
+                # itself was forged (or sent by a pgcoord older than this one), never delivered.
+                log.debug("pgcoord: ignored a message carried by a NOTIFY on %s", pg)
+                return
             else:
                 try:
-                    item = [(pg, wire.parse(payload))]
+                    item = [Arrival(pg, wire.parse(payload))]
                 except ValueError as exc:
                     log.warning("pgcoord: dropped a malformed message on %s: %s", pg, exc)
                     return
@@ -386,53 +455,108 @@ class Engine:
     def _deliver(self, ready: Ready) -> None:
         now = asyncio.get_running_loop().time()
         me = self._rt.instance_id
-        for pg, env in ready:
+        for pg, env, logged, commit_seq in ready:
             ch = self._channels.get(pg)
             if ch is None:
                 continue
             subs = ch.subs.get(env.channel)
             if not subs or not env.wanted_by(me):
                 continue
-            if ch.durable and not self._seen.add(env.key, now):
+            if ch.durable:
+                if not logged or not self._seen.add(env.key, now):
+                    continue
+            elif logged and not self._seen_logged.add(env.key, now):
                 continue
             for sub in tuple(subs):
-                sub.offer(env.message)
+                sub.offer(env.message, commit_seq)
+
+    # -- backlogs (the Host of each Subscription) --------------------------------------------
+
+    def count_dropped(self, count: int) -> None:
+        """A subscription dropped ``count`` pub/sub messages from its full backlog."""
+        self.dropped += count
+
+    async def reread(self, sub: Subscription, after: int, limit: int) -> Reread | None:
+        """Up to ``limit`` of ``sub``'s sync messages numbered after ``after`` (commit order)."""
+        pg = next(
+            (pg for pg, ch in self._channels.items() if sub in ch.subs.get(sub.channel, ())),
+            None,
+        )
+        if pg is None:
+            return Reread([], None, False)
+        rows = await self._read_rows(
+            "sync messages a slow handler let go",
+            self._q.after_seq,
+            (pg, after, self.sync_retention, limit),
+        )
+        if rows is None:
+            return None
+        me = self._rt.instance_id
+        messages: list[tuple[int, Any]] = []
+        last: int | None = None
+        for _, text, seq in rows:
+            last = seq
+            try:
+                env = wire.parse(text)
+            except ValueError as exc:
+                log.warning("pgcoord: dropped a malformed logged message on %s: %s", pg, exc)
+                continue
+            if env.channel == sub.channel and env.wanted_by(me):
+                messages.append((seq, env.message))
+        return Reread(messages, last, len(rows) >= limit)
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def _read(self, what: str, query: bytes, params: Sequence[Any]) -> Ready:
+    async def _read_rows(
+        self, what: str, query: bytes, params: Sequence[Any]
+    ) -> list[tuple[Any, ...]] | None:
+        """The rows of a read, retried while the server is unreachable; None on giving up."""
         backoff = Backoff(0.05, 2.0, budget=_READ_RETRY_SECONDS)
         while True:
             try:
                 async with self._rt.connection(self._label(what)) as conn:
                     cur = await conn.execute(query, params)
-                    rows = await cur.fetchall()
-                break
+                    return await cur.fetchall()
             except PgcoordError as exc:
                 delay = backoff.next()
                 if not self._running or delay is None:
                     log.error("pgcoord: giving up reading %s: %s", what, exc)
-                    return []
+                    return None
                 log.warning("pgcoord: reading %s failed (%s); retrying", what, exc)
                 await asyncio.sleep(delay)
+
+    async def _read(self, what: str, query: bytes, params: Sequence[Any]) -> Ready:
         ready: Ready = []
-        for pg, text in rows:
+        for pg, text, commit_seq in await self._read_rows(what, query, params) or ():
             try:
-                ready.append((pg, wire.parse(text)))
+                ready.append(Arrival(pg, wire.parse(text), True, commit_seq))
             except ValueError as exc:
                 log.warning("pgcoord: dropped a malformed logged message on %s: %s", pg, exc)
         return ready
 
     async def _read_transaction(self, xid: int) -> Ready:
         return await self._read(
-            "a transaction's messages", self._q.by_xid, (xid, list(self._channels))
+            "a transaction's messages",
+            self._q.by_xid,
+            (xid, list(self._channels), *self._windows),
         )
 
     async def _read_spilled(self, row_id: int) -> Ready:
-        ready = await self._read("a large message", self._q.by_id, (row_id,))
+        ready = await self._read("a logged message", self._q.by_id, (row_id, *self._windows))
         if not ready:
-            log.warning("pgcoord: large message %s was gone before it could be read", row_id)
+            # Swept already, or a pointer someone NOTIFYed that names no recent row.
+            log.warning("pgcoord: logged message %s was gone before it could be read", row_id)
         return ready
+
+    @staticmethod
+    async def _on_channel(pg: str, read: Coroutine[Any, Any, Ready]) -> Ready:
+        """Only the messages ``read`` returns that were logged on ``pg``: a pointer NOTIFYed on
+        one channel never delivers another channel's row."""
+        ready = await read
+        kept = [arrival for arrival in ready if arrival.pg == pg]
+        if len(kept) != len(ready):
+            log.warning("pgcoord: dropped a pointer on %s to another channel's message", pg)
+        return kept
 
     async def _catch_up(self) -> Ready:
         pgs = [pg for pg, ch in self._channels.items() if ch.durable and pg in self._snapshots]
@@ -469,6 +593,7 @@ class Engine:
         shortest = min(self.sync_retention, self.spill_retention)
         params = (
             self._sweep_key,
+            self._rt.app,
             shortest,
             self.sync_retention,
             self.spill_retention,

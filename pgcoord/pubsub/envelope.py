@@ -14,7 +14,9 @@ not fit, as a row of ``message_log`` that the NOTIFY points to:
 * ``m`` the message's JSON text, spliced in verbatim (never encoded twice).
 
 A pointer ``{"p": id}`` names a ``message_log`` row holding the envelope. On the wake channel,
-the payload is the committing transaction's xid: its rows are read by ``xid``.
+the payload is the committing transaction's xid: its rows are read by ``xid``. Sync messages
+always travel as pointers (and so do pub/sub messages under ``pubsub_via_table``): a NOTIFY
+anyone may send, a row only pgcoord's roles may write.
 """
 
 from __future__ import annotations
@@ -90,16 +92,53 @@ def fits_notify(envelope: str) -> bool:
     return len(envelope) * 4 < NOTIFY_LIMIT or byte_size(envelope) < NOTIFY_LIMIT
 
 
+#: The largest row id (``bigint``): a larger "pointer" can only be forged.
+_ID_MAX = 2**63 - 1
+
+
 def pointer_id(payload: str) -> int | None:
-    """The row id if ``payload`` is a ``{"p": id}`` pointer, else None."""
-    if payload.startswith('{"p":'):
-        return int(payload[5:-1])
-    return None
+    """The row id if ``payload`` is a ``{"p": id}`` pointer, else None (an envelope).
+
+    Raises ``ValueError`` for a payload that starts like a pointer but is not one: anyone
+    with CONNECT may NOTIFY any channel, so the id is checked here rather than at the server.
+    """
+    if not payload.startswith('{"p":'):
+        return None
+    body = payload[5:-1]
+    # str.isdigit() also accepts non-ASCII digits, which int() would read.
+    if not (payload.endswith("}") and 0 < len(body) <= 19 and body.isascii() and body.isdigit()):
+        raise ValueError(f"malformed pointer {payload[:40]!r}")
+    row_id = int(body)
+    if row_id > _ID_MAX:
+        raise ValueError(f"pointer {row_id} is out of range")
+    return row_id
+
+
+def wake_xid(payload: str) -> int:
+    """The transaction id a wake-up carries; raises ``ValueError`` for anything else."""
+    if not (0 < len(payload) <= 19 and payload.isascii() and payload.isdigit()):
+        raise ValueError(f"malformed wake-up {payload[:40]!r}")
+    xid = int(payload)
+    if xid > _ID_MAX:
+        raise ValueError(f"wake-up xid {xid} is out of range")
+    return xid
 
 
 def parse(text: str) -> Envelope:
     """Decode an envelope; raises ``ValueError`` for anything malformed."""
-    data = codec.decode(text)
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        # Nesting past orjson's depth limit (1024) is never an envelope pgcoord wrote: refused
+        # here rather than handed to the standard library's decoder, which would recurse into
+        # a RecursionError (anyone may NOTIFY thousands of brackets).
+        if "depth limit" in str(exc):
+            raise ValueError("envelope nests too deeply") from None
+        try:
+            # Lone surrogates, written as \uXXXX escapes, which orjson refuses.
+            data = codec.decode(text)
+        except RecursionError:
+            raise ValueError("envelope nests too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("envelope is not a JSON object")
     try:

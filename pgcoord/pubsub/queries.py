@@ -24,6 +24,7 @@ class Queries:
     insert_in_transaction: bytes = field(init=False)
     by_id: bytes = field(init=False)
     by_xid: bytes = field(init=False)
+    after_seq: bytes = field(init=False)
     snapshot: bytes = field(init=False)
     catch_up: bytes = field(init=False)
     sweep: bytes = field(init=False)

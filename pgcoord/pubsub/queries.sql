@@ -7,38 +7,58 @@
 SELECT pg_notify(%s, %s)
 
 -- name: insert_and_notify
--- Log an envelope and NOTIFY it (inline when it fits, else as a {"p": id} pointer).
--- Params: channel, durable, envelope, inline. One statement, so one transaction:
--- the NOTIFY is sent if and only if the row is committed.
+-- Log an envelope and NOTIFY a {"p": id} pointer to its row (sync messages, large messages,
+-- and every pub/sub message under pubsub_via_table). Params: app, channel, durable, envelope.
+-- One statement, so one transaction: the NOTIFY is sent if and only if the row is committed.
+-- The row names its app, whose sweeper alone deletes it (by that app's retention).
 WITH r AS (
-    INSERT INTO {log} (channel, xid, durable, envelope)
-    VALUES (%s, pg_current_xact_id()::text::bigint, %s, %s)
-    RETURNING id, channel, envelope
+    INSERT INTO {log} (app, channel, xid, durable, envelope)
+    VALUES (%s, %s, pg_current_xact_id()::text::bigint, %s, %s)
+    RETURNING id, channel
 )
-SELECT pg_notify(r.channel, CASE WHEN %s THEN r.envelope ELSE '{{"p":' || r.id || '}}' END)
-FROM r
+SELECT pg_notify(r.channel, '{{"p":' || r.id || '}}') FROM r
 
 -- name: insert_in_transaction
 -- Log an envelope in the caller's transaction and NOTIFY the app's wake channel.
--- Params: channel, durable, envelope, wake channel. The wake payload is the transaction's
+-- Params: app, channel, durable, envelope, wake channel. The wake payload is the transaction's
 -- xid, identical for every publish in the transaction, and Postgres folds identical
 -- notifications of one transaction into one: a transaction NOTIFYs once however many
 -- messages it publishes.
 WITH r AS (
-    INSERT INTO {log} (channel, xid, durable, envelope)
-    VALUES (%s, pg_current_xact_id()::text::bigint, %s, %s)
+    INSERT INTO {log} (app, channel, xid, durable, envelope)
+    VALUES (%s, %s, pg_current_xact_id()::text::bigint, %s, %s)
     RETURNING xid
 )
 SELECT pg_notify(%s, r.xid::text) FROM r
 
 -- name: by_id
--- A spilled envelope, read back when its NOTIFY carried only a pointer. Params: id.
-SELECT channel, envelope FROM {log} WHERE id = %s
+-- The envelope a {"p": id} pointer names, read back by every receiver. Params: id, sync
+-- retention (s), pub/sub retention (s). A pointer anyone could have NOTIFYed (see
+-- docs/security.md) finds only a row still within its retention, so never an old message
+-- replayed after receivers forgot its id; the receiver also drops a row of another channel
+-- than the pointer's. commit_seq: NULL except on sync messages.
+SELECT channel, envelope, commit_seq FROM {log}
+WHERE id = %s
+  AND created_at > now() - make_interval(secs => CASE WHEN durable THEN %s ELSE %s END)
 
 -- name: by_xid
 -- One committed transaction's messages on the given channels, in publish order (the wake-up
--- names only the xid). Params: xid, channels (text[]).
-SELECT channel, envelope FROM {log} WHERE xid = %s AND channel = ANY(%s) ORDER BY id
+-- names only the xid). Params: xid, channels (text[]), sync retention (s), pub/sub
+-- retention (s); the retention bound as in by_id.
+SELECT channel, envelope, commit_seq FROM {log}
+WHERE xid = %s AND channel = ANY(%s)
+  AND created_at > now() - make_interval(secs => CASE WHEN durable THEN %s ELSE %s END)
+ORDER BY id
+
+-- name: after_seq
+-- A sync channel's messages committed after commit_seq, in commit order, for a subscription
+-- whose in-memory backlog overflowed and that now re-reads what it let go. Params: channel,
+-- commit_seq, window (s), limit.
+SELECT channel, envelope, commit_seq FROM {log}
+WHERE channel = %s AND durable AND commit_seq > %s
+  AND created_at > now() - make_interval(secs => %s)
+ORDER BY commit_seq
+LIMIT %s
 
 -- name: snapshot
 -- The snapshot taken when a channel's LISTEN became active: catch_up skips the rows visible
@@ -53,7 +73,7 @@ SELECT pg_current_snapshot()::text
 -- (taken at COMMIT, see migration 0002), i.e. in commit order like live NOTIFY delivery,
 -- never by id, which is taken at INSERT. commit_seq is unique; id only makes the order
 -- total should a row ever lack one.
-SELECT l.channel, l.envelope
+SELECT l.channel, l.envelope, l.commit_seq
 FROM {log} AS l
 JOIN unnest(%s::text[], %s::text[]) AS s(channel, snap) ON l.channel = s.channel
 WHERE l.durable
@@ -62,14 +82,18 @@ WHERE l.durable
 ORDER BY l.commit_seq, l.id
 
 -- name: sweep
--- Delete up to a batch of expired rows, if no other instance is sweeping right now.
--- Params: advisory key, the shorter retention (s), durable retention (s), spill retention
--- (s), batch size. One statement is one transaction, which holds the try-lock. The first
--- created_at bound lets the scan use the created_at index.
+-- Delete up to a batch of this app's expired rows, if no other instance of the app is
+-- sweeping right now. Params: advisory key, app, the shorter retention (s), durable retention
+-- (s), spill retention (s), batch size. One statement is one transaction, which holds the
+-- try-lock. Only the app's own rows: another app of the schema keeps its rows for its own
+-- retention. Rows without an app (logged before the app column existed) are anyone's, as
+-- they always were. The app and the first created_at bound let the scan use the
+-- (app, created_at) index.
 WITH gate AS (SELECT pg_try_advisory_xact_lock(%s) AS ok),
 doomed AS (
     SELECT id FROM {log}
     WHERE (SELECT ok FROM gate)
+      AND (app = %s OR app IS NULL)
       AND created_at < now() - make_interval(secs => %s)
       AND (
         (durable AND created_at < now() - make_interval(secs => %s))

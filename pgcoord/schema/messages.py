@@ -53,7 +53,9 @@ def define(metadata: MetaData) -> None:
         # Taken at COMMIT by the deferred trigger of revision 0002 (durable rows only; NULL on
         # the others): the catch-up replays in this order, which is commit order.
         Column("commit_seq", BigInteger, nullable=True),
+        Column("app", Text(collation="C"), nullable=True),
         Index("message_log_xid_idx", "xid"),
+        Index("message_log_app_created_idx", "app", "created_at"),
         Index("message_log_created_idx", "created_at"),
         # Rows churn (inserted, then swept minutes later): vacuum sooner than the default.
         postgresql_with={"autovacuum_vacuum_scale_factor": "0.05"},

@@ -7,7 +7,8 @@ holds the job, the end of that worker's lease. A job is claimable exactly when
 ``run_at <= now()``, so one index serves claims, delays, retries and the rescue of jobs whose
 worker died (their lease simply runs out), and no sweeper is needed.
 
-``queue_failed`` holds dead letters: jobs whose last try failed, with the error and traceback.
+``queue_failed`` holds dead letters: jobs whose last try failed, with the error and traceback;
+kept until purged, or for ``queue_failed_retention`` seconds when an app sets one.
 
 ``queue_keys`` remembers, for ``queue_idempotency_window``, the job each ``idempotency_key`` of a
 publish created, so a publish retried after an ambiguous failure returns that job instead of
@@ -15,7 +16,8 @@ creating a second one (logged: it must survive a crash like the jobs it guards).
 
 ``queue_waiters`` has one row per subscribed worker saying whether it may be asleep waiting for
 a NOTIFY (``idle``); producers read it inside their INSERT and skip the wake-up NOTIFY when
-every worker of the queue is busy claiming anyway.
+every worker of the queue is busy claiming anyway. Rows of killed instances expire and are
+deleted by the live instances of their app.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def define(metadata: MetaData) -> None:
         Column("payload", Text, nullable=False),
     )
     Index("queue_failed_app_channel", failed.c.app, failed.c.channel, failed.c.failed_at)
+    # Each app's retention sweep (queue_failed_retention): its oldest dead letters first.
+    Index("queue_failed_app_age", failed.c.app, failed.c.failed_at)
     Table(
         WAITERS,
         metadata,

@@ -62,6 +62,9 @@ class SyncMessageManager(Service):
     Every message is logged; an instance whose listener reconnects reads back what it missed,
     delivered once and in order. Option ``sync_log_retention`` (seconds, default 120): how long
     the log keeps a message, hence the longest disconnection an instance fully catches up from.
+    Live, a sync message's NOTIFY carries only a pointer to its row, so a NOTIFY forged by any
+    role with CONNECT never delivers one. A handler slower than its channel keeps at most
+    ``pubsub_backlog`` messages in memory; the rest are read back from the log as it catches up.
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {"sync_log_retention": 120.0}
