@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from pgcoord.cache.near import MISSING, NearCache
 from pgcoord.cache.serializer import CacheSerializer, check_size
 from pgcoord.cache.store import Store
-from pgcoord.errors import InvalidTypeError
-from pgcoord.validation import check_callable, check_int, check_key, check_optional_positive
+from pgcoord.errors import InvalidInputError, InvalidTypeError
+from pgcoord.validation import (
+    check_callable,
+    check_int,
+    check_key,
+    check_optional_positive,
+    storable,
+)
+
+
+def check_ttl(value: object, what: str = "ttl") -> float | None:
+    """A ttl argument: None (not given), or seconds > 0; ``math.inf`` is returned as-is and
+    means "never expires" (the caller turns it into no expiry; the server never sees it)."""
+    return check_optional_positive(value, what)
 
 
 async def call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -25,14 +38,20 @@ class CacheHost(Protocol):
     """What a :class:`Cache` needs from the manager that made it (``CacheManager`` implements
     it with a port object), so a cache reaches none of the manager's internals."""
 
-    def near_usable(self) -> bool:
-        """May near caches serve now (LISTEN up, no reconnect unseen)?"""
+    def near_usable(self, ns: str) -> bool:
+        """May near caches of ``ns`` serve now (LISTEN up, no reconnect unseen, this instance's
+        registration of ``ns`` confirmed)? No I/O: the fast path of every near-cache read."""
 
-    async def invalidate(self, ns: str, keys: list[str]) -> None:
-        """Drop ``keys`` of namespace ``ns`` from every instance's near cache."""
+    async def near_ready(self, ns: str) -> bool:
+        """Like :meth:`near_usable`, but first registers ``ns`` when that is what is missing."""
 
-    async def invalidate_ns(self, ns: str) -> None:
-        """Drop namespace ``ns`` from every instance's near cache."""
+    async def invalidate(self, ns: str, keys: list[str], remote: bool) -> None:
+        """Drop ``keys`` of namespace ``ns`` from this process's near caches and, when
+        ``remote``, from every other instance's."""
+
+    async def invalidate_ns(self, ns: str, remote: bool) -> None:
+        """Drop namespace ``ns`` from this process's near caches and, when ``remote``, from
+        every other instance's."""
 
     async def single_flight(
         self, cache: Cache, key: str, fn: Callable[[], Any], ttl: float | None
@@ -46,7 +65,11 @@ class Cache:
     Keys are non-empty ``str`` of at most 255 characters, stored under this cache's ``prefix``
     (two caches with different prefixes never see each other's keys). Values are JSON data by
     default (see ``serializer``). ``ttl`` arguments are seconds (> 0); ``None`` falls back to
-    the cache's default ``ttl``, and with neither the entry never expires.
+    the cache's default ``ttl``, and with neither the entry never expires; ``math.inf`` means
+    "never expires" whatever the default.
+
+    Every write drops the key from the near caches of its prefix, in this process at once and
+    in other instances by NOTIFY, whether or not this cache has a near cache itself.
     """
 
     def __init__(
@@ -87,8 +110,10 @@ class Cache:
     # -- helpers ---------------------------------------------------------------------------
 
     def _ttl(self, ttl: object) -> float | None:
-        checked = check_optional_positive(ttl, "ttl")
-        return self.default_ttl if checked is None else checked
+        checked = check_ttl(ttl)
+        if checked is None:
+            return self.default_ttl
+        return None if math.isinf(checked) else checked
 
     def _encode(self, key: str, value: Any) -> str:
         text = self.serializer.dumps(value)
@@ -102,7 +127,9 @@ class Cache:
     async def _lookup(self, key: str) -> Any:
         """The decoded value or MISSING; the near cache first when it may serve."""
         near = self._near
-        if near is None or not self._manager.near_usable():
+        if near is None or not (
+            self._manager.near_usable(self.ns) or await self._manager.near_ready(self.ns)
+        ):
             text = await self._store.get(key)
             return MISSING if text is None else self.serializer.loads(text)
         value = near.get(key)
@@ -122,10 +149,11 @@ class Cache:
                 near.end_read(key, token, found[0], decoded, found[1])
         return decoded
 
-    async def _changed(self, keys: Iterable[str]) -> None:
-        """After a write: drop local copies and, with a near cache, tell the other instances."""
-        if self._near is not None:
-            await self._manager.invalidate(self.ns, list(keys))
+    async def _changed(self, keys: Iterable[str], remote: bool) -> None:
+        """After a write: drop this process's copies of ``keys`` (any cache of the prefix may
+        hold them) and, when the write found another instance near-caching the prefix, tell it.
+        """
+        await self._manager.invalidate(self.ns, list(keys), remote)
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -138,16 +166,19 @@ class Cache:
     async def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Store ``value`` at ``key`` for ``ttl`` seconds (default: the cache's ttl)."""
         check_key(key)
-        seconds = self._ttl(ttl)
+        await self._put(key, value, self._ttl(ttl))
+
+    async def _put(self, key: str, value: Any, seconds: float | None) -> None:
+        """Store a value for ``seconds`` as resolved by :meth:`_ttl` (None: never expires)."""
         text = self._encode(key, value)
-        await self._store.set(key, text, seconds)
-        await self._changed((key,))
+        remote = await self._store.set(key, text, seconds)
+        await self._changed((key,), remote)
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` (no error when it is missing)."""
         check_key(key)
-        await self._store.mdel((key,))
-        await self._changed((key,))
+        remote = await self._store.mdel((key,))
+        await self._changed((key,), remote)
 
     async def mget(self, *keys: str) -> list[Any]:
         """The values of ``keys`` in order (None for each missing key)."""
@@ -157,7 +188,9 @@ class Cache:
             return []
         near = self._near
         local: dict[str, Any] = {}
-        if near is not None and self._manager.near_usable():
+        if near is not None and (
+            self._manager.near_usable(self.ns) or await self._manager.near_ready(self.ns)
+        ):
             # Near-cache hits are served locally; the rest come in one statement and are not
             # stored in the near cache (only get() populates it, with its race rules).
             for key in keys:
@@ -186,8 +219,8 @@ class Cache:
             encoded[key] = self._encode(key, item[1])
         if not encoded:
             return
-        await self._store.mset(list(encoded.items()), seconds)
-        await self._changed(encoded)
+        remote = await self._store.mset(list(encoded.items()), seconds)
+        await self._changed(encoded, remote)
 
     async def mdel(self, *keys: str) -> None:
         """Remove several keys at once."""
@@ -196,14 +229,13 @@ class Cache:
         if not keys:
             return
         unique = list(dict.fromkeys(keys))
-        await self._store.mdel(unique)
-        await self._changed(unique)
+        remote = await self._store.mdel(unique)
+        await self._changed(unique, remote)
 
     async def reset(self) -> None:
         """Remove every key of this cache (its prefix) — and nothing of any other cache."""
-        await self._store.reset()
-        if self._near is not None:
-            await self._manager.invalidate_ns(self.ns)
+        remote = await self._store.reset()
+        await self._manager.invalidate_ns(self.ns, remote)
 
     async def ttl(self, key: str) -> float | None:
         """Seconds ``key`` has left; None when it is missing or never expires."""
@@ -214,6 +246,12 @@ class Cache:
         """Live keys (without the prefix), sorted; ``pattern`` is a glob with ``*`` and ``?``."""
         if pattern is not None and not isinstance(pattern, str):
             raise InvalidTypeError(f"pattern must be a str or None, not {type(pattern).__name__}")
+        if pattern is not None and storable(pattern) != pattern:
+            # No stored key holds NUL or a surrogate (check_key refuses them), and Postgres
+            # could not even take such a pattern: refuse it like such a key.
+            raise InvalidInputError(
+                f"pattern {pattern!a} holds NUL or a surrogate code unit, which no key can hold"
+            )
         return await self._store.keys(pattern)
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
@@ -224,9 +262,13 @@ class Cache:
         """
         check_key(key)
         check_int(amount, "amount")
+        if not -(2**63) <= amount < 2**63:
+            # Both stores keep 64-bit integers (Postgres bigint): refuse before any I/O, so the
+            # memory store cannot accept an amount the Postgres store would refuse.
+            raise InvalidInputError(f"amount {amount} does not fit 64 bits")
         seconds = self._ttl(ttl)
-        result = await self._store.incr(key, amount, seconds)
-        await self._changed((key,))
+        result, remote = await self._store.incr_notify(key, amount, seconds)
+        await self._changed((key,), remote)
         return result
 
     async def wrap(
@@ -254,7 +296,7 @@ class Cache:
     async def _compute(self, key: str, fn: Callable[[], Any], ttl: float | None) -> Any:
         """Run ``fn`` and store its value (the caller holds the key's single-flight rights)."""
         value = await call(fn)
-        await self.set(key, value, ttl)
+        await self._put(key, value, ttl)
         return value
 
     async def wrap_with_condition(
@@ -287,5 +329,5 @@ class Cache:
         result = await call(fn)
         cacheable = result if is_cacheable is None else await call(is_cacheable, result)
         if cacheable:
-            await self.set(key, result, seconds)
+            await self._put(key, result, seconds)
         return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -14,17 +15,18 @@ import psycopg
 from pgcoord import names
 from pgcoord._retry import Backoff
 from pgcoord.cache import messages, queries
-from pgcoord.cache.cache import Cache
+from pgcoord.cache.cache import Cache, check_ttl
 from pgcoord.cache.cluster_lock import ClusterLocks
 from pgcoord.cache.memory import MemoryStore
 from pgcoord.cache.near import MISSING, NearCache
 from pgcoord.cache.notifier import Notifier
 from pgcoord.cache.postgres import PostgresStore
+from pgcoord.cache.registration import Registrations, marker_ns
 from pgcoord.cache.serializer import CacheSerializer, JsonCacheSerializer
 from pgcoord.cache.store import Store
 from pgcoord.errors import CacheNotFoundError, InvalidInputError, InvalidTypeError
 from pgcoord.runtime import Runtime, Service
-from pgcoord.validation import check_int, check_key, check_optional_positive, check_positive
+from pgcoord.validation import check_int, check_key, check_positive
 
 log = logging.getLogger("pgcoord.cache")
 
@@ -95,6 +97,10 @@ class CacheManager(Service):
         self._channel = runtime.channel("cache", "invalidate")
         self._notifier = Notifier(runtime, self._channel, self._queries)
         self._locks = ClusterLocks(runtime, self._queries)
+        # Which namespaces this instance near-caches, as writers everywhere see it.
+        self._registrations = Registrations(
+            runtime, self._queries, lambda: list(self._near), self._drop_ns
+        )
         self._sweeper: asyncio.Task[None] | None = None
         self._listening = False
         self._seen_reconnects = 0
@@ -119,10 +125,10 @@ class CacheManager(Service):
 
         ``prefix`` (default: ``name``) is the key namespace; caches sharing a prefix share keys.
         ``store``: ``"postgres"`` (shared by every instance) or ``"memory"`` (this process only).
-        ``ttl``: default seconds-to-live of entries (None: no expiry). ``local_ttl``: opt-in
-        near cache (Postgres store only) holding entries in-process for at most that long,
-        invalidated across instances by NOTIFY; every instance must create the cache with the
-        same options. ``max_entries``: size bound (default: the ``cache_max_entries`` or
+        ``ttl``: default seconds-to-live of entries (None or ``math.inf``: no expiry).
+        ``local_ttl``: opt-in near cache (Postgres store only) holding entries in-process for at
+        most that long (``math.inf``: until invalidated or expired in Postgres), invalidated
+        across instances by NOTIFY on any write to the prefix, from any cache of any instance. ``max_entries``: size bound (default: the ``cache_max_entries`` or
         ``cache_memory_max_entries`` option). ``max_value_bytes``: limit of one encoded value.
         ``serializer``: an object with ``dumps``/``loads`` (default: strict JSON).
         Raises ``ValueError`` when ``name`` exists already (use :meth:`get_cache`).
@@ -131,8 +137,10 @@ class CacheManager(Service):
         prefix = name if prefix is None else check_key(prefix, "prefix")
         if store not in STORES:
             raise InvalidInputError(f"store must be 'postgres' or 'memory'; got {store!r}")
-        default_ttl = check_optional_positive(ttl, "ttl")
-        near_ttl = check_optional_positive(local_ttl, "local_ttl")
+        default_ttl = check_ttl(ttl)
+        if default_ttl is not None and math.isinf(default_ttl):
+            default_ttl = None  # inf: entries never expire, as with None
+        near_ttl = check_ttl(local_ttl, "local_ttl")
         if near_ttl is not None and store != "postgres":
             raise InvalidInputError("local_ttl (near cache) applies to the postgres store only")
         bound = _check_optional_int(max_entries, "max_entries")
@@ -214,8 +222,9 @@ class CacheManager(Service):
 
     # -- near cache plumbing ---------------------------------------------------------------
 
-    def _near_usable(self) -> bool:
-        """May near caches serve now? Only while LISTEN is up and no reconnect went unseen."""
+    def _listening_ok(self) -> bool:
+        """Can invalidations reach this instance now? Only while LISTEN is up and no reconnect
+        went unseen."""
         rt = self._rt
         if not self._listening or not rt.running:
             return False
@@ -227,7 +236,26 @@ class CacheManager(Service):
             # too (not only in on_reconnect) so nothing is served between reconnect and hook.
             self._seen_reconnects = listener.reconnects
             self._clear_near()
+            self._registrations.forget()  # a crash may have emptied the table: confirm again
         return True
+
+    def _near_usable(self, ns: str) -> bool:
+        """May near caches of ``ns`` serve now (no I/O)?"""
+        # In this order: a reconnect noticed by _listening_ok withdraws every registration.
+        return self._listening_ok() and self._registrations.valid(ns)
+
+    async def _near_ready(self, ns: str) -> bool:
+        """May near caches of ``ns`` serve now? Also registers ``ns`` first when needed."""
+        if not self._listening_ok():
+            return False
+        return await self._registrations.ready(ns) and self._listening_ok()
+
+    def _near_marker_ns(self, ns: str) -> str:
+        """The namespace of ``ns``'s near-cache registrations (for tests and operators)."""
+        return marker_ns(ns)
+
+    def _drop_ns(self, ns: str) -> None:
+        self._invalidate_local(ns, None)
 
     def _clear_near(self) -> None:
         for nears in self._near.values():
@@ -241,13 +269,15 @@ class CacheManager(Service):
             else:
                 near.invalidate(keys)
 
-    async def _invalidate(self, ns: str, keys: list[str]) -> None:
+    async def _invalidate(self, ns: str, keys: list[str], remote: bool) -> None:
         self._invalidate_local(ns, keys)
-        await self._notifier.send([("k", ns, key) for key in keys])
+        if remote:
+            await self._notifier.send([("k", ns, key) for key in keys])
 
-    async def _invalidate_ns(self, ns: str) -> None:
+    async def _invalidate_ns(self, ns: str, remote: bool) -> None:
         self._invalidate_local(ns, None)
-        await self._notifier.send([("n", ns)])
+        if remote:
+            await self._notifier.send([("n", ns)])
 
     def _on_notify(self, channel: str, payload: str) -> None:
         try:
@@ -257,18 +287,27 @@ class CacheManager(Service):
             return
         own = message.instance == self._rt.instance_id
         for op in message.ops:
-            kind = op[0]
+            kind = op[0] if op else None
             if kind == "w" and len(op) == 3:
                 event = self._wrap_events.get((op[1], op[2]))
                 if event is not None:
                     event.set()
+            elif not (
+                (kind == "k" and len(op) == 3)
+                or (kind == "n" and len(op) == 2)
+                or (kind == "a" and len(op) == 1)
+            ):
+                # A newer version's op or a forgery: say so, and apply the rest.
+                log.warning(
+                    "pgcoord cache: ignoring an unknown operation on %s: %.200r", channel, op
+                )
             elif own:
                 continue  # this instance already applied its own writes locally
-            elif kind == "k" and len(op) == 3:
+            elif kind == "k":
                 self._invalidate_local(op[1], [op[2]])
-            elif kind == "n" and len(op) == 2:
+            elif kind == "n":
                 self._invalidate_local(op[1], None)
-            elif kind == "a" and op[1:] == ():
+            else:
                 self._clear_near()
 
     # -- single flight -----------------------------------------------------------------------
@@ -413,6 +452,7 @@ class CacheManager(Service):
         self._seen_reconnects = listener.reconnects
         self._clear_near()
         self._listening = True
+        self._registrations.start()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="pgcoord-cache-sweeper")
 
     async def stop(self) -> None:
@@ -428,6 +468,7 @@ class CacheManager(Service):
             task.cancel()
         if flights:
             await asyncio.gather(*flights, return_exceptions=True)
+        await self._registrations.stop()
         await self._notifier.close()
         await self._locks.close()
         with contextlib.suppress(Exception):
@@ -437,6 +478,7 @@ class CacheManager(Service):
         # Invalidations sent while the listener was down were missed.
         self._seen_reconnects = self._rt.listener.reconnects
         self._clear_near()
+        self._registrations.forget()
 
 
 __all__ = ["CacheManager"]
@@ -450,17 +492,21 @@ class _CachePort:
     def __init__(self, manager: CacheManager) -> None:
         self._m = manager
 
-    def near_usable(self) -> bool:
-        """May near caches serve now?"""
-        return self._m._near_usable()
+    def near_usable(self, ns: str) -> bool:
+        """May near caches of ``ns`` serve now (no I/O)?"""
+        return self._m._near_usable(ns)
 
-    async def invalidate(self, ns: str, keys: list[str]) -> None:
-        """Drop ``keys`` of ``ns`` from every instance's near cache."""
-        await self._m._invalidate(ns, keys)
+    async def near_ready(self, ns: str) -> bool:
+        """May near caches of ``ns`` serve now, registering ``ns`` first if needed?"""
+        return await self._m._near_ready(ns)
 
-    async def invalidate_ns(self, ns: str) -> None:
-        """Drop namespace ``ns`` from every instance's near cache."""
-        await self._m._invalidate_ns(ns)
+    async def invalidate(self, ns: str, keys: list[str], remote: bool) -> None:
+        """Drop ``keys`` of ``ns`` from near caches (other instances' too when ``remote``)."""
+        await self._m._invalidate(ns, keys, remote)
+
+    async def invalidate_ns(self, ns: str, remote: bool) -> None:
+        """Drop namespace ``ns`` from near caches (other instances' too when ``remote``)."""
+        await self._m._invalidate_ns(ns, remote)
 
     async def single_flight(
         self, cache: Cache, key: str, fn: Callable[[], Any], ttl: float | None

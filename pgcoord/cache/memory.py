@@ -71,23 +71,29 @@ class MemoryStore:
                 found[key] = entry[0]
         return found
 
-    async def set(self, key: str, text: str, ttl: float | None) -> None:
+    # Writes answer False: no other instance can see this process's memory.
+
+    async def set(self, key: str, text: str, ttl: float | None) -> bool:
         """See :class:`~pgcoord.cache.store.Store`."""
         self._put(key, text, ttl)
+        return False
 
-    async def mset(self, items: Sequence[tuple[str, str]], ttl: float | None) -> None:
+    async def mset(self, items: Sequence[tuple[str, str]], ttl: float | None) -> bool:
         """See :class:`~pgcoord.cache.store.Store`."""
         for key, text in items:
             self._put(key, text, ttl)
+        return False
 
-    async def mdel(self, keys: Sequence[str]) -> None:
+    async def mdel(self, keys: Sequence[str]) -> bool:
         """See :class:`~pgcoord.cache.store.Store`."""
         for key in keys:
             self._data.pop(key, None)
+        return False
 
-    async def reset(self) -> None:
+    async def reset(self) -> bool:
         """See :class:`~pgcoord.cache.store.Store`."""
         self._data.clear()
+        return False
 
     async def ttl(self, key: str) -> float | None:
         """See :class:`~pgcoord.cache.store.Store`."""
@@ -119,3 +125,7 @@ class MemoryStore:
             raise InvalidInputError(f"incrementing cache key {key!r} overflows 64 bits")
         self._data[key] = (str(result), entry[1])
         return result
+
+    async def incr_notify(self, key: str, amount: int, ttl: float | None) -> tuple[int, bool]:
+        """See :class:`~pgcoord.cache.store.Store` (:meth:`incr`, and nobody to tell)."""
+        return await self.incr(key, amount, ttl), False

@@ -1,6 +1,8 @@
 """The Postgres store: one namespace of the UNLOGGED ``cache_entries`` table.
 
-Each operation is one autocommit statement on a pool connection (one round trip).
+Each operation is one autocommit statement on a pool connection (one round trip). Each write
+also answers whether another instance near-caches the namespace (see ``registration.py``), so
+the cache knows whether to NOTIFY, in the same round trip.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Any
 
 from pgcoord.cache.patterns import glob_to_like
 from pgcoord.cache.queries import Queries
+from pgcoord.cache.registration import LEASE, marker_ns
 from pgcoord.errors import DatabaseError, InvalidInputError
 from pgcoord.runtime import Runtime
 
@@ -21,6 +24,8 @@ class PostgresStore:
         self._rt = runtime
         self._q = queries
         self.ns = ns
+        # What every write's "does another instance near-cache this?" probe needs.
+        self._probe = {"near": marker_ns(ns), "me": runtime.instance_id, "lease": LEASE}
 
     async def _run(self, query: bytes, params: Any, fetch: int) -> Any:
         """Run one statement; ``fetch``: 0 nothing, 1 one row (or None), 2 all rows."""
@@ -40,8 +45,10 @@ class PostgresStore:
         rows: list[tuple[Any, ...]] = await self._run(query, params, 2)
         return rows
 
-    async def _one_write(self, query: bytes, params: Any) -> None:
-        await self._run(query, params, 0)
+    async def _write(self, query: bytes, params: dict[str, Any]) -> bool:
+        """Run a write; True when other instances' near caches must be told."""
+        row = await self._one(query, {**params, **self._probe})
+        return bool(row and row[-1])
 
     async def get(self, key: str) -> str | None:
         """See :class:`~pgcoord.cache.store.Store`."""
@@ -58,25 +65,33 @@ class PostgresStore:
         rows = await self._rows(self._q.mget, (self.ns, list(keys)))
         return {key: value for key, value in rows}
 
-    async def set(self, key: str, text: str, ttl: float | None) -> None:
+    async def set(self, key: str, text: str, ttl: float | None) -> bool:
         """See :class:`~pgcoord.cache.store.Store`."""
-        await self._one_write(self._q.set, (self.ns, key, text, ttl))
+        return await self._write(
+            self._q.set, {"ns": self.ns, "key": key, "value": text, "ttl": ttl}
+        )
 
-    async def mset(self, items: Sequence[tuple[str, str]], ttl: float | None) -> None:
+    async def mset(self, items: Sequence[tuple[str, str]], ttl: float | None) -> bool:
         """See :class:`~pgcoord.cache.store.Store`."""
         # Sorted keys: concurrent msets lock rows in the same order and cannot deadlock.
         ordered = sorted(items)
-        await self._one_write(
-            self._q.mset, (self.ns, ttl, [k for k, _ in ordered], [v for _, v in ordered])
+        return await self._write(
+            self._q.mset,
+            {
+                "ns": self.ns,
+                "ttl": ttl,
+                "keys": [k for k, _ in ordered],
+                "values": [v for _, v in ordered],
+            },
         )
 
-    async def mdel(self, keys: Sequence[str]) -> None:
+    async def mdel(self, keys: Sequence[str]) -> bool:
         """See :class:`~pgcoord.cache.store.Store`."""
-        await self._one_write(self._q.mdel, (self.ns, sorted(keys)))
+        return await self._write(self._q.mdel, {"ns": self.ns, "keys": sorted(keys)})
 
-    async def reset(self) -> None:
+    async def reset(self) -> bool:
         """See :class:`~pgcoord.cache.store.Store`."""
-        await self._one_write(self._q.reset, (self.ns,))
+        return await self._write(self._q.reset, {"ns": self.ns})
 
     async def ttl(self, key: str) -> float | None:
         """See :class:`~pgcoord.cache.store.Store`."""
@@ -88,9 +103,9 @@ class PostgresStore:
         like = "%" if pattern is None else glob_to_like(pattern)
         return [row[0] for row in await self._rows(self._q.keys, (self.ns, like))]
 
-    async def incr(self, key: str, amount: int, ttl: float | None) -> int:
+    async def incr_notify(self, key: str, amount: int, ttl: float | None) -> tuple[int, bool]:
         """See :class:`~pgcoord.cache.store.Store`; an existing live key keeps its expiry."""
-        params = {"ns": self.ns, "key": key, "amount": amount, "ttl": ttl}
+        params = {"ns": self.ns, "key": key, "amount": amount, "ttl": ttl, **self._probe}
         try:
             row = await self._one(self._q.incr, params)
         except DatabaseError as exc:
@@ -101,4 +116,4 @@ class PostgresStore:
                 ) from exc
             raise
         assert row is not None
-        return int(row[0])
+        return int(row[0]), bool(row[1])

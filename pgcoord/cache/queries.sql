@@ -23,30 +23,61 @@ WHERE ns = %s AND key = ANY(%s::text[]) AND (expires_at IS NULL OR expires_at > 
 
 -- name: set
 -- Store one value. make_interval(secs => NULL) is NULL, so ttl=None stores "never expires".
-INSERT INTO {entries} (ns, key, value, expires_at, written_at)
-VALUES (%s, %s, %s, now() + make_interval(secs => %s::float8), now())
-ON CONFLICT (ns, key) DO UPDATE SET
-    value = EXCLUDED.value,
-    expires_at = EXCLUDED.expires_at,
-    written_at = EXCLUDED.written_at
+-- The one row answered says whether another instance near-caches this namespace (the same
+-- EXISTS ends every write; registrations are described at the end of this file): the writer
+-- then NOTIFYs an invalidation, and otherwise sends nothing more.
+WITH written AS (
+    INSERT INTO {entries} (ns, key, value, expires_at, written_at)
+    VALUES (%(ns)s, %(key)s, %(value)s, now() + make_interval(secs => %(ttl)s::float8), now())
+    ON CONFLICT (ns, key) DO UPDATE SET
+        value = EXCLUDED.value,
+        expires_at = EXCLUDED.expires_at,
+        written_at = EXCLUDED.written_at
+)
+SELECT EXISTS (
+    SELECT 1 FROM {entries}
+    WHERE ns = %(near)s AND key <> %(me)s
+      AND written_at > now() - make_interval(secs => %(lease)s::float8)
+)
 
 -- name: mset
 -- Store many values with one ttl from two parallel arrays (keys, values), as `set` does one.
-INSERT INTO {entries} (ns, key, value, expires_at, written_at)
-SELECT %s, u.k, u.v, now() + make_interval(secs => %s::float8), now()
-FROM unnest(%s::text[], %s::text[]) AS u(k, v)
-ON CONFLICT (ns, key) DO UPDATE SET
-    value = EXCLUDED.value,
-    expires_at = EXCLUDED.expires_at,
-    written_at = EXCLUDED.written_at
+WITH written AS (
+    INSERT INTO {entries} (ns, key, value, expires_at, written_at)
+    SELECT %(ns)s, u.k, u.v, now() + make_interval(secs => %(ttl)s::float8), now()
+    FROM unnest(%(keys)s::text[], %(values)s::text[]) AS u(k, v)
+    ON CONFLICT (ns, key) DO UPDATE SET
+        value = EXCLUDED.value,
+        expires_at = EXCLUDED.expires_at,
+        written_at = EXCLUDED.written_at
+)
+SELECT EXISTS (
+    SELECT 1 FROM {entries}
+    WHERE ns = %(near)s AND key <> %(me)s
+      AND written_at > now() - make_interval(secs => %(lease)s::float8)
+)
 
 -- name: mdel
--- Delete many keys of one namespace (expired or not).
-DELETE FROM {entries} WHERE ns = %s AND key = ANY(%s::text[])
+-- Delete many keys of one namespace (expired or not); answers as `set` does.
+WITH deleted AS (
+    DELETE FROM {entries} WHERE ns = %(ns)s AND key = ANY(%(keys)s::text[])
+)
+SELECT EXISTS (
+    SELECT 1 FROM {entries}
+    WHERE ns = %(near)s AND key <> %(me)s
+      AND written_at > now() - make_interval(secs => %(lease)s::float8)
+)
 
 -- name: reset
--- Empty one namespace (one cache prefix).
-DELETE FROM {entries} WHERE ns = %s
+-- Empty one namespace (one cache prefix); answers as `set` does.
+WITH deleted AS (
+    DELETE FROM {entries} WHERE ns = %(ns)s
+)
+SELECT EXISTS (
+    SELECT 1 FROM {entries}
+    WHERE ns = %(near)s AND key <> %(me)s
+      AND written_at > now() - make_interval(secs => %(lease)s::float8)
+)
 
 -- name: flush_app
 -- Empty every namespace of one app: ns is "<app>:<prefix>" in the C collation and ':' < ';',
@@ -68,21 +99,29 @@ ORDER BY key
 -- name: incr
 -- Add to an integer value, in one statement: the row lock taken by ON CONFLICT makes
 -- concurrent increments queue up on the row, so none is lost. An expired row counts as
--- missing (restarts at 0 and takes the new ttl); a live one keeps its expiry.
-INSERT INTO {entries} AS e (ns, key, value, expires_at, written_at)
-VALUES (
-    %(ns)s, %(key)s, %(amount)s::bigint::text,
-    now() + make_interval(secs => %(ttl)s::float8), now()
+-- missing (restarts at 0 and takes the new ttl); a live one keeps its expiry. Answers the new
+-- value and, as `set` does, whether to NOTIFY.
+WITH written AS (
+    INSERT INTO {entries} AS e (ns, key, value, expires_at, written_at)
+    VALUES (
+        %(ns)s, %(key)s, %(amount)s::bigint::text,
+        now() + make_interval(secs => %(ttl)s::float8), now()
+    )
+    ON CONFLICT (ns, key) DO UPDATE SET
+        value = (
+            CASE WHEN e.expires_at IS NOT NULL AND e.expires_at <= now() THEN 0
+            ELSE e.value::bigint END + %(amount)s::bigint
+        )::text,
+        expires_at = CASE WHEN e.expires_at IS NOT NULL AND e.expires_at <= now()
+            THEN EXCLUDED.expires_at ELSE e.expires_at END,
+        written_at = now()
+    RETURNING value::bigint AS value
 )
-ON CONFLICT (ns, key) DO UPDATE SET
-    value = (
-        CASE WHEN e.expires_at IS NOT NULL AND e.expires_at <= now() THEN 0
-        ELSE e.value::bigint END + %(amount)s::bigint
-    )::text,
-    expires_at = CASE WHEN e.expires_at IS NOT NULL AND e.expires_at <= now()
-        THEN EXCLUDED.expires_at ELSE e.expires_at END,
-    written_at = now()
-RETURNING value::bigint
+SELECT (SELECT value FROM written), EXISTS (
+    SELECT 1 FROM {entries}
+    WHERE ns = %(near)s AND key <> %(me)s
+      AND written_at > now() - make_interval(secs => %(lease)s::float8)
+)
 
 -- name: sweep
 -- Delete one bounded batch of expired rows (of every app: they are garbage to all). The outer
@@ -131,3 +170,52 @@ SELECT pg_advisory_unlock(%s)
 -- writes and NOTIFYs holds the server-wide notify lock through its WAL flush (measured: 2.4x
 -- fewer commits/s with 8 writers), while a NOTIFY-only transaction writes no WAL.
 SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p
+
+-- name: near_lock_timeout
+-- Near-cache registrations (this block and the four below). An instance with a near cache on
+-- namespace "<app>:<prefix>" keeps a row (ns "<app>;near:<prefix>", key its instance id) in
+-- this same table: ';' sorts right after ':', so these rows lie outside every app's range of
+-- cache namespaces (flush_app and a cache's keys/reset/size bound never see them), and no cache
+-- prefix can produce that ns. written_at is the registration's heartbeat: writers count a row
+-- younger than the lease (the lease parameter of every write above). expires_at is only the
+-- sweeper's clean-up horizon for rows a crashed instance left behind, a day ahead, moved only
+-- when less than half of it is left (so a renewal rewrites written_at alone).
+--
+-- This block bounds the wait for near_barrier (this transaction only): while it waits, every
+-- new cache write of the schema queues behind it, so give up soon and retry later instead.
+SELECT set_config('lock_timeout', %s, true)
+
+-- name: near_barrier
+-- Taken (in the registering transaction, before near_register) so that no write can miss the
+-- registration: SHARE ROW EXCLUSIVE conflicts with the ROW EXCLUSIVE lock every INSERT/DELETE
+-- holds until it commits, and with itself. Writes in flight finish before the registration
+-- commits (the registering instance reads only after that, so it sees them); writes arriving
+-- meanwhile wait, and a statement takes its snapshot after its locks, so they see the
+-- registration and NOTIFY. Self-conflicting, so two registering instances cannot deadlock.
+LOCK TABLE {entries} IN SHARE ROW EXCLUSIVE MODE
+
+-- name: near_register
+-- Insert or refresh this instance's registration rows (one per namespace it near-caches).
+INSERT INTO {entries} (ns, key, value, expires_at, written_at)
+SELECT n, %(me)s, 'true', now() + interval '1 day', now()
+FROM unnest(%(ns)s::text[]) AS n
+ON CONFLICT (ns, key) DO UPDATE SET
+    written_at = EXCLUDED.written_at,
+    expires_at = EXCLUDED.expires_at
+
+-- name: near_renew
+-- The heartbeat of this instance's live registrations; answers the namespaces renewed. A row
+-- older than the lease (or gone: swept, or the UNLOGGED table emptied by a crash) is not
+-- renewed here: writers may have skipped their NOTIFY meanwhile, so the caller registers it
+-- again behind near_barrier and drops that near cache's entries.
+UPDATE {entries} SET
+    written_at = now(),
+    expires_at = CASE WHEN expires_at < now() + interval '12 hours'
+        THEN now() + interval '1 day' ELSE expires_at END
+WHERE ns = ANY(%(ns)s::text[]) AND key = %(me)s
+  AND written_at > now() - make_interval(secs => %(lease)s::float8)
+RETURNING ns
+
+-- name: near_unregister
+-- Remove this instance's registrations (at stop), so writers stop NOTIFYing for it.
+DELETE FROM {entries} WHERE ns = ANY(%(ns)s::text[]) AND key = %(me)s

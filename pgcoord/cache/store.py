@@ -7,7 +7,11 @@ from typing import Protocol
 
 
 class Store(Protocol):
-    """A backend of :class:`~pgcoord.cache.Cache`; values arrive already encoded as text."""
+    """A backend of :class:`~pgcoord.cache.Cache`; values arrive already encoded as text.
+
+    Every write answers whether near caches of *other* instances must be told (a NOTIFY): only
+    the Postgres store can have those, and only when one of them registered the namespace.
+    """
 
     async def get(self, key: str) -> str | None:
         """The live value of ``key``, or None."""
@@ -21,19 +25,19 @@ class Store(Protocol):
         """The live values of those ``keys`` that exist."""
         ...
 
-    async def set(self, key: str, text: str, ttl: float | None) -> None:
+    async def set(self, key: str, text: str, ttl: float | None) -> bool:
         """Store ``text`` under ``key`` for ``ttl`` seconds (None: no expiry)."""
         ...
 
-    async def mset(self, items: Sequence[tuple[str, str]], ttl: float | None) -> None:
+    async def mset(self, items: Sequence[tuple[str, str]], ttl: float | None) -> bool:
         """Store every (key, text) pair (keys are distinct)."""
         ...
 
-    async def mdel(self, keys: Sequence[str]) -> None:
+    async def mdel(self, keys: Sequence[str]) -> bool:
         """Remove ``keys`` (missing ones are ignored)."""
         ...
 
-    async def reset(self) -> None:
+    async def reset(self) -> bool:
         """Remove every key of this namespace."""
         ...
 
@@ -45,6 +49,7 @@ class Store(Protocol):
         """Live keys matching the glob ``pattern`` (all when None), sorted."""
         ...
 
-    async def incr(self, key: str, amount: int, ttl: float | None) -> int:
-        """Add ``amount`` to the integer at ``key`` (0 when missing) and return the result."""
+    async def incr_notify(self, key: str, amount: int, ttl: float | None) -> tuple[int, bool]:
+        """Add ``amount`` to the integer at ``key`` (0 when missing); return the result (and
+        whether to tell other instances, as every write does)."""
         ...

@@ -186,10 +186,6 @@ MALFORMED = [
 CACHE_SILENT = ['{"i":"x","o":"k"}', '{"i":"x","o":[["k"]]}']
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pgcoord/cache/manager.py _on_notify ignores unknown ops silently (reported to the lead)",
-)
 async def test_every_malformed_cache_invalidation_is_logged(
     coord: pgcoord.Coordinator, dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
