@@ -43,6 +43,10 @@ def _check_optional_int(value: object, what: str) -> int | None:
     return None if value is None else check_int(value, what, minimum=1)
 
 
+#: The invalidation ops this version applies, with their sizes: key, namespace, everything.
+_OP_SIZES: dict[str | None, int] = {"k": 3, "n": 2, "a": 1}
+
+
 class CacheManager(Service):
     """Named caches of this app (``coord.cache_manager``); ``coord.cache`` is the default one.
 
@@ -292,11 +296,7 @@ class CacheManager(Service):
                 event = self._wrap_events.get((op[1], op[2]))
                 if event is not None:
                     event.set()
-            elif not (
-                (kind == "k" and len(op) == 3)
-                or (kind == "n" and len(op) == 2)
-                or (kind == "a" and len(op) == 1)
-            ):
+            elif _OP_SIZES.get(kind) != len(op):
                 # A newer version's op or a forgery: say so, and apply the rest.
                 log.warning(
                     "pgcoord cache: ignoring an unknown operation on %s: %.200r", channel, op

@@ -16,8 +16,20 @@ import psycopg
 
 from pgcoord import codec
 from pgcoord._driver import translated
+from pgcoord.errors import InvalidInputError, InvalidTypeError
 from pgcoord.queue.queries import Queries
 from pgcoord.validation import check_int, check_key, check_positive
+
+#: Postgres ``bigint`` bounds: job ids, and the most rows a listing may ask for.
+_INT8_MIN = -(2**63)
+_INT8_MAX = 2**63 - 1
+
+
+def _check_int8(value: object, what: str, *, minimum: int = _INT8_MIN) -> int:
+    number = check_int(value, what, minimum=minimum)
+    if number > _INT8_MAX:
+        raise InvalidInputError(f"{what} must be <= {_INT8_MAX}; got {number}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -59,10 +71,8 @@ def check_filters(channel: object, ids: object) -> tuple[str | None, list[int] |
     if ids is None:
         return ch, None
     if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
-        from pgcoord.errors import InvalidTypeError
-
         raise InvalidTypeError("ids must be an iterable of int job ids")
-    return ch, [check_int(i, "job id") for i in ids]
+    return ch, [_check_int8(i, "job id") for i in ids]
 
 
 async def list_failed(
@@ -76,7 +86,7 @@ async def list_failed(
 ) -> list[FailedJob]:
     """Dead letters of ``app`` (optionally of one channel / some ids), oldest failure first."""
     ch, id_list = check_filters(channel, ids)
-    check_int(limit, "limit", minimum=1)
+    _check_int8(limit, "limit", minimum=1)
     params = {"app": app, "channel": ch, "ids": id_list, "limit": limit}
     with translated():
         cur = await conn.execute(queries.list_failed, params)
@@ -126,7 +136,7 @@ async def purge_failed(
 ) -> int:
     """Delete dead letters for good; how many were deleted."""
     ch, id_list = check_filters(channel, ids)
-    older = None if older_than is None else check_positive(older_than, "older_than")
+    older = None if older_than is None else check_positive(older_than, "older_than", finite=True)
     params = {"app": app, "channel": ch, "ids": id_list, "older": older}
     with translated():
         cur = await conn.execute(queries.purge_failed, params)

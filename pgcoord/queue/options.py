@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -75,16 +74,16 @@ def publish_options(
 def _check_publish(
     timeout: object, max_retries: object, delay: object, priority: object
 ) -> PublishOptions:
-    t = check_positive(timeout, "timeout")
+    # Finite: a try without a time limit would hold its lease (renewed) forever, and a job
+    # delayed forever would never run; both are stored as server intervals too.
+    t = check_positive(timeout, "timeout", finite=True)
     retries = check_int(max_retries, "max_retries", minimum=0)
     if retries > _INT4_MAX:
         raise InvalidInputError(f"max_retries must be <= {_INT4_MAX}; got {retries}")
-    d = check_non_negative(delay, "delay")
+    d = check_non_negative(delay, "delay", finite=True)
     p = check_int(priority, "priority", minimum=_INT4_MIN)
     if p > _INT4_MAX:
         raise InvalidInputError(f"priority must be within a 32-bit int; got {p}")
-    if math.isinf(d):
-        raise InvalidInputError("delay must be finite")
     return PublishOptions(timeout=t, max_retries=retries, delay=d, priority=p)
 
 
@@ -115,7 +114,9 @@ def subscribe_options(
     if idle is not None and not callable(idle):
         raise InvalidTypeError(f"idle must be callable or None, not {type(idle).__name__}")
     limit = check_int(concurrency, "concurrency")
-    every = check_positive(interval, "interval")
+    # Finite: it is the poll period while NOTIFYs cannot arrive, and then nothing else wakes
+    # the worker.
+    every = check_positive(interval, "interval", finite=True)
     return SubscribeOptions(
         process=fn,
         is_async=is_async_callable(fn),

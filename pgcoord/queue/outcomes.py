@@ -7,6 +7,12 @@ A job whose outcome is still buffered keeps its lease, so a crash before the flu
 means the job runs again (at-least-once). A flushed outcome commits at the
 ``queue_synchronous_commit`` level the statements were built with (:mod:`.queries`): with the
 default ``"off"`` a crash or a failover may still undo it, and the job runs again.
+
+Nothing a handler does can stop the writer. Error texts and tracebacks are made storable
+(:func:`pgcoord.validation.storable`) before they are buffered; a batch the server refuses for
+another reason is written again row by row, so one bad row cannot hold back the others, and a
+dead letter whose text is refused even then is stored with a replacement text; any other
+error is logged and the flusher carries on after a backoff.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pgcoord._retry import Backoff
-from pgcoord.errors import PgcoordError
+from pgcoord.errors import ConnectionFailedError, NotRunningError
+from pgcoord.validation import storable
 
 log = logging.getLogger("pgcoord.queue")
 
@@ -28,6 +35,22 @@ FLUSH_DELAY = 0.002
 FLUSH_MAX = 500
 
 Execute = Callable[[Any, Any], Awaitable[None]]
+Row = tuple[Any, ...]
+
+#: Errors that say nothing about the rows: the server or the pool is out of reach for now.
+#: The batch goes back into the buffers whole and is tried again after a backoff.
+_TRANSIENT = (ConnectionFailedError, NotRunningError, OSError)
+
+
+def replacement_error(exc: BaseException) -> str:
+    """The error text stored instead of a dead letter's own when the server refused that row.
+
+    Only the refusal's type is kept: the server's message may quote the refused text again.
+    """
+    return (
+        f"pgcoord: this job's error text could not be stored ({type(exc).__name__}); "
+        "the original is in the log of the instance that ran it"
+    )
 
 
 class Outcomes:
@@ -36,11 +59,10 @@ class Outcomes:
     def __init__(self, execute: Execute, queries: Any) -> None:
         self._execute = execute
         self._q = queries
-        self._done_ids: list[int] = []
-        self._done_attempts: list[int] = []
-        self._retry: list[tuple[int, int, float]] = []
-        self._fail: list[tuple[int, int, str, str]] = []
-        self._release: list[tuple[int, int]] = []
+        self._done: list[Row] = []
+        self._retry: list[Row] = []
+        self._fail: list[Row] = []
+        self._release: list[Row] = []
         self._event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -50,8 +72,7 @@ class Outcomes:
 
     def complete(self, job_id: int, attempt: int) -> None:
         """The try succeeded: delete the job."""
-        self._done_ids.append(job_id)
-        self._done_attempts.append(attempt)
+        self._done.append((job_id, attempt))
         self._kick()
 
     def retry(self, job_id: int, attempt: int, delay: float) -> None:
@@ -60,8 +81,13 @@ class Outcomes:
         self._kick()
 
     def fail(self, job_id: int, attempt: int, error: str, tb: str) -> None:
-        """The last try failed: move the job to the dead letters."""
-        self._fail.append((job_id, attempt, error, tb))
+        """The last try failed: move the job to the dead letters.
+
+        ``error`` and ``tb`` come from user code (a handler's exception: its message, its
+        class's module and name), which may hold NUL or lone surrogates; they are made
+        storable here, so the batch they join can always be sent.
+        """
+        self._fail.append((job_id, attempt, storable(error), storable(tb)))
         self._kick()
 
     def release(self, jobs: list[tuple[int, int]]) -> None:
@@ -76,7 +102,7 @@ class Outcomes:
 
     def pending(self) -> bool:
         """True while some outcome is not written yet."""
-        return bool(self._done_ids or self._retry or self._fail or self._release)
+        return bool(self._done or self._retry or self._fail or self._release)
 
     # -- the flusher -----------------------------------------------------------------------
 
@@ -106,50 +132,120 @@ class Outcomes:
         backoff = Backoff(0.05, 2.0)
         while True:
             await self._event.wait()
-            if len(self._done_ids) < FLUSH_MAX:
+            if len(self._done) < FLUSH_MAX:
                 await asyncio.sleep(FLUSH_DELAY)
             self._event.clear()
             try:
                 await self._flush()
                 backoff.reset()
-            except (PgcoordError, OSError) as exc:
+            except _TRANSIENT as exc:
                 # The batch went back into the buffers; the jobs keep their leases meanwhile.
                 log.warning("pgcoord queue: writing job outcomes failed (%s); retrying", exc)
-                await asyncio.sleep(backoff.next() or 0.0)
-                self._event.set()
+                await self._pause(backoff)
+                continue
+            except Exception:
+                # Whatever it is, this task must not end: with it would end every completion
+                # of this instance, and its jobs would run again and again. What was not
+                # written is back in the buffers.
+                log.exception("pgcoord queue: writing job outcomes failed; retrying")
+                await self._pause(backoff)
                 continue
             if not self.pending():
                 self._idle.set()
 
+    async def _pause(self, backoff: Backoff) -> None:
+        await asyncio.sleep(backoff.next() or 0.0)
+        self._event.set()
+
     async def _flush(self) -> None:
-        ids, attempts = self._done_ids, self._done_attempts
-        retry, fail, release = self._retry, self._fail, self._release
-        self._done_ids, self._done_attempts = [], []
-        self._retry, self._fail, self._release = [], [], []
         q = self._q
+        # Taken all at once: outcomes reported while this flush runs go to fresh buffers.
+        batches = [
+            ("_done", q.complete, self._done, None),
+            ("_retry", q.retry, self._retry, None),
+            ("_fail", q.fail, self._fail, _replace_error),
+            ("_release", q.release, self._release, None),
+        ]
+        self._done, self._retry, self._fail, self._release = [], [], [], []
+        for i, (_, statement, rows, replace) in enumerate(batches):
+            if not rows:
+                continue
+            try:
+                await self._write(statement, rows, replace)
+            except BaseException:
+                # Put back what was not written (_write left exactly that in `rows`, and the
+                # later batches were not tried); it goes out with the next flush.
+                for name, _, left, _ in batches[i:]:
+                    getattr(self, name)[:0] = left
+                raise
+
+    async def _write(
+        self, statement: Any, rows: list[Row], replace: Callable[[Row, BaseException], Row] | None
+    ) -> None:
+        """Write ``rows`` in one statement or, when the server refuses it for a reason that
+        may be tied to one row, row by row. Afterwards (returned or raised) ``rows`` holds
+        exactly the rows not written."""
         try:
-            if ids:
-                await self._execute(q.complete, (ids, attempts))
-                ids, attempts = [], []
-            if retry:
-                cols = list(zip(*retry, strict=True))
-                await self._execute(q.retry, (list(cols[0]), list(cols[1]), list(cols[2])))
-                retry = []
-            if fail:
-                cols = list(zip(*fail, strict=True))
-                await self._execute(
-                    q.fail, (list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]))
-                )
-                fail = []
-            if release:
-                cols = list(zip(*release, strict=True))
-                await self._execute(q.release, (list(cols[0]), list(cols[1])))
-                release = []
-        except BaseException:
-            # Put back what was not written; it goes out with the next flush.
-            self._done_ids[:0] = ids
-            self._done_attempts[:0] = attempts
-            self._retry[:0] = retry
-            self._fail[:0] = fail
-            self._release[:0] = release
+            await self._execute(statement, _columns(rows))
+        except _TRANSIENT:
             raise
+        except Exception as exc:
+            if len(rows) == 1 and replace is None:
+                raise
+            log.warning(
+                "pgcoord queue: the server refused a batch of %d job outcomes (%s); "
+                "writing them one by one",
+                len(rows),
+                exc,
+            )
+        else:
+            rows.clear()
+            return
+        todo = rows[:]
+        rows.clear()
+        refused: Exception | None = None
+        for n, row in enumerate(todo):
+            try:
+                await self._write_one(statement, row, replace)
+            except Exception as exc:
+                if isinstance(exc, _TRANSIENT):
+                    rows.extend(todo[n:])
+                    raise
+                # Refused even alone (a dead letter even with a replacement text), so not
+                # for its data: it is tried again later, like a batch that failed.
+                rows.append(row)
+                refused = exc
+            except BaseException:
+                rows.extend(todo[n:])
+                raise
+        if refused is not None:
+            raise refused
+
+    async def _write_one(
+        self, statement: Any, row: Row, replace: Callable[[Row, BaseException], Row] | None
+    ) -> None:
+        try:
+            await self._execute(statement, _columns([row]))
+        except _TRANSIENT:
+            raise
+        except Exception as exc:
+            if replace is None:
+                raise
+            log.error(
+                "pgcoord queue: the dead letter of job %s was refused (%s); storing it with "
+                "a replacement error text instead of %r",
+                row[0],
+                exc,
+                row[2],
+            )
+            await self._execute(statement, _columns([replace(row, exc)]))
+
+
+def _columns(rows: list[Row]) -> tuple[list[Any], ...]:
+    """Rows as the column arrays the ``unnest(...)`` statements take."""
+    return tuple(list(col) for col in zip(*rows, strict=True))
+
+
+def _replace_error(row: Row, exc: BaseException) -> Row:
+    job_id, attempt, _error, _tb = row
+    return (job_id, attempt, replacement_error(exc), "")

@@ -19,7 +19,8 @@ class OutcomeSink(Protocol):
         """The try failed: run the job again after ``delay`` seconds."""
 
     def fail(self, job_id: int, attempt: int, error: str, traceback: str) -> None:
-        """The job failed for good: dead-letter it."""
+        """The job failed for good: dead-letter it (``error`` and ``traceback`` may hold any
+        text, NUL and lone surrogates included: the sink makes them storable)."""
 
     async def drain(self) -> None:
         """Return once every outcome reported so far is written."""

@@ -48,6 +48,8 @@ class Queries:
     waiter_set: bytes
     waiter_refresh: bytes
     waiter_delete: bytes
+    waiter_sweep: bytes
+    failed_sweep: bytes
     vacuum: bytes
 
 

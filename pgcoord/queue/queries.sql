@@ -222,6 +222,23 @@ ON CONFLICT (app, channel, worker) DO UPDATE SET expires_at = EXCLUDED.expires_a
 -- Drop a stopping worker's registration, so publishers stop notifying it.
 DELETE FROM {waiters} WHERE app = %s AND channel = %s AND worker = %s
 
+-- name: waiter_sweep
+-- Delete one app's registrations that expired more than a margin (seconds) ago. A live worker
+-- refreshes its row long before it expires (and writes it back at its next refresh if it was
+-- deleted meanwhile), so these are the rows of killed instances: every enqueue's EXISTS
+-- would scan them forever. Any live instance of the app runs this now and then; the primary
+-- key's leading app column bounds the scan to the app's own registrations.
+DELETE FROM {waiters} WHERE app = %s AND expires_at < now() - make_interval(secs => %s)
+
+-- name: failed_sweep
+-- Delete a batch of one app's dead letters older than its queue_failed_retention
+-- (seconds), the oldest first and at most a batch of them, through the queue_failed_app_age
+-- index. One app's retention,
+-- for that app's dead letters only: apps sharing a schema never shorten each other's.
+DELETE FROM {failed} WHERE id IN (SELECT id FROM {failed}
+    WHERE app = %s AND failed_at < now() - make_interval(secs => %s) ORDER BY failed_at
+    LIMIT %s)
+
 -- name: vacuum
 -- Vacuum the jobs table from the workers (autovacuum may be off or too slow for the churn of
 -- claims and completions); SKIP_LOCKED lets one vacuum run while the others skip.

@@ -17,16 +17,22 @@ from pgcoord import codec
 from pgcoord import transaction as txn
 from pgcoord._driver import translated
 from pgcoord._retry import TaskSet
-from pgcoord.errors import InvalidTypeError, JobError, PgcoordError
+from pgcoord.errors import InvalidInputError, InvalidTypeError, JobError, PgcoordError
 from pgcoord.queue import deadletters, keys, queries
 from pgcoord.queue.deadletters import FailedJob
 from pgcoord.queue.keys import check_idempotency_key
 from pgcoord.queue.options import PublishOptions, publish_options, subscribe_options
 from pgcoord.queue.outcomes import Outcomes
-from pgcoord.queue.throttle import NotifyState
+from pgcoord.queue.throttle import NotifyState, NotifyStates
 from pgcoord.queue.worker import Worker
 from pgcoord.runtime import Runtime, Service
-from pgcoord.validation import check_int, check_key, check_non_negative, check_positive
+from pgcoord.validation import (
+    check_int,
+    check_key,
+    check_non_negative,
+    check_optional_positive,
+    check_positive,
+)
 
 log = logging.getLogger("pgcoord.queue")
 
@@ -37,6 +43,17 @@ _VACUUM_MIN_GAP = 2.0
 #: connection from closing. Waiter rows live three such periods, so a killed worker stops
 #: counting by then.
 _IDLE_WRITE_GAP = 15.0
+#: Seconds past its expiry after which a worker registration counts as a killed instance's and
+#: is deleted (a live instance refreshes its rows long before they expire).
+_WAITER_SWEEP_MARGIN = 10.0
+#: Least seconds between two sweeps of expired dead letters by one instance (or the
+#: retention, if shorter).
+_FAILED_SWEEP_INTERVAL = 60.0
+#: Dead letters deleted per sweep statement, and statements per sweep at most.
+_FAILED_SWEEP_BATCH = 1000
+_FAILED_SWEEP_STATEMENTS = 20
+#: The most jobs one claim may ask for (its LIMIT is a Postgres integer).
+_BATCH_MAX = 2**31 - 1
 
 
 class EventQueue(Service):
@@ -59,7 +76,11 @@ class EventQueue(Service):
     job before it claims anyway: the safety net for wake-ups it cannot know about),
     ``queue_synchronous_commit`` (the ``synchronous_commit`` level of the workers' claims,
     outcomes and leases: ``"off"``, the default, or ``"on"``/``"local"``/``"remote_write"``/
-    ``"remote_apply"``; see docs/operations.md, "Failover").
+    ``"remote_apply"``; see docs/operations.md, "Failover"), ``queue_failed_retention``
+    (seconds dead letters of this app are kept, then deleted by its live instances; None,
+    the default: until purged).
+
+    Every duration option is a finite number of seconds.
     """
 
     OPTIONS: ClassVar[dict[str, Any]] = {
@@ -83,32 +104,49 @@ class EventQueue(Service):
         "queue_synchronous_commit": "off",
         # Seconds a publish's idempotency_key is remembered (pgcoord.queue.keys).
         "queue_idempotency_window": keys.DEFAULT_WINDOW,
+        # Seconds a dead letter of this app is kept before its live instances delete it;
+        # None keeps dead letters until purged (failed_jobs/purge_failed, `pgcoord jobs`).
+        "queue_failed_retention": None,
     }
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
-        self._lease = check_positive(self.option("queue_lease"), "queue_lease")
-        self._grace = check_non_negative(self.option("queue_grace"), "queue_grace")
+        # Finite, all of them: each becomes an interval on the server or a timer here, and
+        # "forever" is no lease, no grace, no pacing or no safety net, none of which works.
+        self._lease = check_positive(self.option("queue_lease"), "queue_lease", finite=True)
+        self._grace = check_non_negative(self.option("queue_grace"), "queue_grace", finite=True)
         self._max_interruptions = check_int(
             self.option("queue_max_interruptions"), "queue_max_interruptions", minimum=1
         )
         self._batch = check_int(self.option("queue_batch"), "queue_batch", minimum=1)
-        self._gap = check_non_negative(self.option("queue_notify_gap"), "queue_notify_gap")
-        self._txn_window = check_non_negative(
-            self.option("queue_txn_notify_window"), "queue_txn_notify_window"
+        if self._batch > _BATCH_MAX:
+            raise InvalidInputError(f"queue_batch must be <= {_BATCH_MAX}; got {self._batch}")
+        self._gap = check_non_negative(
+            self.option("queue_notify_gap"), "queue_notify_gap", finite=True
         )
-        self._idle_poll = check_positive(self.option("queue_idle_poll"), "queue_idle_poll")
+        self._txn_window = check_non_negative(
+            self.option("queue_txn_notify_window"), "queue_txn_notify_window", finite=True
+        )
+        self._idle_poll = check_positive(
+            self.option("queue_idle_poll"), "queue_idle_poll", finite=True
+        )
         # Waiter rows are refreshed every lease/3 at most, but no more often than an idle
         # instance may write; they expire after three refresh periods.
         self._waiter_every = max(self._lease / 3, _IDLE_WRITE_GAP)
         self._waiter_ttl = 3 * self._waiter_every
         self._last_waiter_refresh = float("-inf")
+        self._last_waiter_sweep = float("-inf")
+        self._failed_retention = check_optional_positive(
+            self.option("queue_failed_retention"), "queue_failed_retention", finite=True
+        )
+        self._last_failed_sweep = float("-inf")
+        self._sweeping_failed = False
         self._q = queries.build(
             runtime.schema, synchronous_commit=self.option("queue_synchronous_commit")
         )
         self._keys = keys.KeyQueries.for_schema(runtime.schema)
         self._key_window = check_positive(
-            self.option("queue_idempotency_window"), "queue_idempotency_window"
+            self.option("queue_idempotency_window"), "queue_idempotency_window", finite=True
         )
         self._keyed = 0
         self._last_key_sweep = time.monotonic()
@@ -119,7 +157,7 @@ class EventQueue(Service):
         # Waiter refreshes and deletes one at a time: a refresh in flight must not upsert a
         # row back after a stopping worker deleted it.
         self._waiter_lock = asyncio.Lock()
-        self._notify: dict[str, NotifyState] = {}
+        self._notify = NotifyStates(gap=self._gap, txn_window=self._txn_window)
         self._pg_channels: dict[str, str] = {}
         self._senders = TaskSet("queue")  # wake-up NOTIFYs, key sweeps
         self._outcomes = Outcomes(self._write, self._q)
@@ -500,12 +538,7 @@ class EventQueue(Service):
         return pg_channel
 
     def _notify_state(self, pg_channel: str) -> NotifyState:
-        state = self._notify.get(pg_channel)
-        if state is None:
-            state = self._notify[pg_channel] = NotifyState(
-                gap=self._gap, txn_window=self._txn_window
-            )
-        return state
+        return self._notify.get(pg_channel)
 
     def _request_notify(self, pg_channel: str, state: NotifyState, delay: float) -> None:
         if state.request(time.monotonic(), delay):
@@ -629,6 +662,28 @@ class EventQueue(Service):
                 # harmless (a lease lasts three rounds), a dead renewer is not.
                 log.exception("pgcoord queue: lease renewal round failed; retrying")
 
+    async def _sweep_waiters(self) -> None:
+        try:
+            async with self._rt.connection("queue waiter sweep") as conn:
+                await conn.execute(self._q.waiter_sweep, (self._rt.app, _WAITER_SWEEP_MARGIN))
+        except PgcoordError as exc:
+            log.info("pgcoord queue: deleting expired worker registrations failed: %s", exc)
+
+    async def _sweep_failed(self, retention: float) -> None:
+        """Delete this app's dead letters older than ``retention`` s, a batch at a time."""
+        try:
+            for _ in range(_FAILED_SWEEP_STATEMENTS):
+                async with self._rt.connection("queue dead-letter retention sweep") as conn:
+                    cur = await conn.execute(
+                        self._q.failed_sweep, (self._rt.app, retention, _FAILED_SWEEP_BATCH)
+                    )
+                if cur.rowcount < _FAILED_SWEEP_BATCH:
+                    break
+        except PgcoordError as exc:
+            log.info("pgcoord queue: deleting expired dead letters failed: %s", exc)
+        finally:
+            self._sweeping_failed = False
+
     async def _renew_once(self) -> None:
         now = time.monotonic()
         if now - self._last_key_sweep >= min(keys.SWEEP_INTERVAL, self._key_window):
@@ -636,6 +691,21 @@ class EventQueue(Service):
             # then (one indexed DELETE), so keys cannot pile up whoever published them.
             self._last_key_sweep = now
             self._sweep_keys_soon()
+        if now - self._last_waiter_sweep >= self._waiter_every:
+            # Registrations of killed instances of this app (defect: they stayed forever and
+            # every enqueue's EXISTS scanned them). Every running instance does it now and
+            # then: one small indexed DELETE, in the background so it never delays leases.
+            self._last_waiter_sweep = now
+            self._senders.spawn(self._sweep_waiters())
+        retention = self._failed_retention
+        if (
+            retention is not None
+            and not self._sweeping_failed
+            and now - self._last_failed_sweep >= min(_FAILED_SWEEP_INTERVAL, retention)
+        ):
+            self._last_failed_sweep = now
+            self._sweeping_failed = True
+            self._senders.spawn(self._sweep_failed(retention))
         if now - self._last_waiter_refresh >= self._waiter_every - 0.5:
             self._last_waiter_refresh = now
             try:

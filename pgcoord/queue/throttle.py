@@ -15,11 +15,18 @@ that in two ways:
   ``txn_window`` seconds; otherwise a trailing NOTIFY is sent outside the transaction
   ``txn_window`` later, which finds the job if the caller committed by then, and the
   workers' polling (``interval``) covers a caller that took longer.
+
+The states live in :class:`NotifyStates`, which keeps only the most recently used ones: a
+process publishing to per-entity queue names must not grow without bound.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+
+#: Queues whose wake-up bookkeeping one EventQueue keeps (the most recently published to).
+MAX_STATES = 10_000
 
 
 @dataclass(slots=True)
@@ -70,3 +77,36 @@ class NotifyState:
     def take(self) -> None:
         """For the sender: it is about to send the wanted NOTIFY."""
         self.pending = False
+
+
+class NotifyStates:
+    """The :class:`NotifyState` of each queue, for at most ``limit`` queues (least recently
+    used dropped first).
+
+    Dropping a state never loses a wake-up: a sender already running holds its state and
+    finishes its work, and the next publish to that queue starts from a fresh state, which
+    sends at once. The worst case is one NOTIFY more than the ``gap`` would have allowed.
+    """
+
+    __slots__ = ("_gap", "_limit", "_states", "_txn_window")
+
+    def __init__(self, *, gap: float, txn_window: float, limit: int = MAX_STATES) -> None:
+        self._gap = gap
+        self._txn_window = txn_window
+        self._limit = limit
+        self._states: OrderedDict[str, NotifyState] = OrderedDict()
+
+    def get(self, pg_channel: str) -> NotifyState:
+        """The state of ``pg_channel``'s queue (a fresh one if it was never used or dropped)."""
+        states = self._states
+        state = states.get(pg_channel)
+        if state is None:
+            state = states[pg_channel] = NotifyState(gap=self._gap, txn_window=self._txn_window)
+            if len(states) > self._limit:
+                states.popitem(last=False)
+        else:
+            states.move_to_end(pg_channel)
+        return state
+
+    def __len__(self) -> int:
+        return len(self._states)

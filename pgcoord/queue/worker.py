@@ -413,8 +413,10 @@ class Worker:
         if error is None:
             queue.outcomes.complete(job.id, attempt)
             return
+        # Both come from user code and may hold anything: the outcome writer makes them
+        # storable (Outcomes.fail).
         text = "".join(traceback.format_exception(error))
-        summary = f"{type(error).__name__}: {error}"
+        summary = f"{type(error).__name__}: {_message(error)}"
         if retried < max_retries:
             log.info("pgcoord job %s failed (%s); retry %s", job.id, summary, retried + 1)
             delay = retry_delay(retried)
@@ -429,3 +431,11 @@ class Worker:
                 "pgcoord job %s failed for good after %s tries: %s", job.id, retried + 1, summary
             )
             queue.outcomes.fail(job.id, attempt, summary, text)
+
+
+def _message(error: BaseException) -> str:
+    """``str(error)``, which is user code and may itself raise."""
+    try:
+        return str(error)
+    except Exception:
+        return f"<str() of the {type(error).__name__} raised>"
