@@ -140,7 +140,7 @@ class Coordinator:
                 f"max_connections must be at least {MIN_CONNECTIONS} (the listener and one "
                 f"work connection); got {max_connections!r}"
             )
-        check_positive(connect_timeout, "connect_timeout")
+        check_positive(connect_timeout, "connect_timeout", finite=True)
         check_positive(heartbeat, "heartbeat")
         check_positive(command_timeout, "command_timeout")
         defaults = self.option_defaults()

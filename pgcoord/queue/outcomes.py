@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pgcoord._retry import Backoff
-from pgcoord.errors import ConnectionFailedError, NotRunningError
+from pgcoord.errors import ConnectionFailedError, InvalidInputError, NotRunningError
 from pgcoord.validation import storable
 
 log = logging.getLogger("pgcoord.queue")
@@ -40,6 +40,18 @@ Row = tuple[Any, ...]
 #: Errors that say nothing about the rows: the server or the pool is out of reach for now.
 #: The batch goes back into the buffers whole and is tried again after a backoff.
 _TRANSIENT = (ConnectionFailedError, NotRunningError, OSError)
+
+# Refusals that can be tied to the data of one row: data exceptions (22xxx), integrity
+# violations (23xxx) and errors raised by a trigger (P0001). Anything else (a deadlock, a
+# statement_timeout, a full disk) is the server's trouble: the batch is retried as it is.
+_ROW_CLASSES = ("22", "23", "P0")
+
+
+def _tied_to_a_row(exc: BaseException) -> bool:
+    if isinstance(exc, UnicodeError | InvalidInputError):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith(_ROW_CLASSES)
 
 
 def replacement_error(exc: BaseException) -> str:
@@ -190,7 +202,7 @@ class Outcomes:
         except _TRANSIENT:
             raise
         except Exception as exc:
-            if len(rows) == 1 and replace is None:
+            if not _tied_to_a_row(exc) or (len(rows) == 1 and replace is None):
                 raise
             log.warning(
                 "pgcoord queue: the server refused a batch of %d job outcomes (%s); "
@@ -208,7 +220,7 @@ class Outcomes:
             try:
                 await self._write_one(statement, row, replace)
             except Exception as exc:
-                if isinstance(exc, _TRANSIENT):
+                if isinstance(exc, _TRANSIENT) or not _tied_to_a_row(exc):
                     rows.extend(todo[n:])
                     raise
                 # Refused even alone (a dead letter even with a replacement text), so not
@@ -229,7 +241,7 @@ class Outcomes:
         except _TRANSIENT:
             raise
         except Exception as exc:
-            if replace is None:
+            if replace is None or not _tied_to_a_row(exc):
                 raise
             log.error(
                 "pgcoord queue: the dead letter of job %s was refused (%s); storing it with "

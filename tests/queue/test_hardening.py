@@ -141,6 +141,38 @@ async def test_a_row_the_server_refuses_does_not_block_the_rest_of_the_batch(
     assert "could not be stored" in failed[poison].error
 
 
+async def test_a_transient_server_error_keeps_the_dead_letters_own_text(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    # Deadlocks (40P01) on the first writes are the server's trouble, not the row's: the dead
+    # letter must still carry the handler's own error once the write goes through.
+    _rows(dsn, "CREATE SEQUENCE once_seq")
+    _rows(
+        dsn,
+        "CREATE FUNCTION deadlock_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF nextval('once_seq') <= 2 THEN RAISE EXCEPTION 'simulated deadlock' "
+        "USING ERRCODE = '40P01'; END IF; RETURN NEW; END $$",
+    )
+    _rows(
+        dsn,
+        "CREATE TRIGGER deadlock_once BEFORE INSERT ON pgcoord.queue_failed "
+        "FOR EACH ROW EXECUTE FUNCTION deadlock_once()",
+    )
+    coord = await make_coord()
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        raise RuntimeError(message)
+
+    eq = coord.event_queue
+    await eq.subscribe("flaky", process=process, interval=0.05)
+    job = await eq.publish("flaky", "the real error", max_retries=0)
+    await wait_until(lambda: _jobs(dsn) == 0, 30)
+    await asyncio.wait_for(eq.flush(), 30)
+    failed = {f.id: f for f in await eq.failed_jobs("flaky")}
+    assert failed[job].error == "RuntimeError: the real error"
+    assert "the real error" in failed[job].traceback
+
+
 async def test_the_outcome_writer_survives_an_unexpected_error(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
