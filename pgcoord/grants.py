@@ -10,7 +10,8 @@ uses, and nothing that could change the schema or the privileges:
   ``REFERENCES``, ``TRIGGER`` or ownership);
 - ``SELECT`` only on Alembic's version table (``start()`` reads the revision; only the owner
   writes it);
-- ``USAGE, SELECT, UPDATE`` on the schema's sequences (fencing tokens, the sync-message commit
+- ``USAGE`` (``nextval``, nothing more: ``UPDATE`` would allow ``setval``, which could rewind
+  the fencing tokens) on the schema's sequences (fencing tokens, the sync-message commit
   order, the queue's job ids drawn for idempotent publishes);
 - ``EXECUTE`` on the schema's functions (the locks' lease functions, the commit-order trigger).
 
@@ -124,7 +125,7 @@ def grant_statements(role: str, schema: str = "pgcoord") -> list[tuple[str, sql.
     statements += [
         (
             "fencing tokens, the sync-message commit order, job ids of idempotent publishes",
-            sql.SQL("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(
+            sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(
                 where, who
             ),
         ),

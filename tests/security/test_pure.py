@@ -60,7 +60,7 @@ def test_nothing_beyond_what_the_services_use() -> None:
         "WITH GRANT",
     ):
         assert word not in upper, word
-    assert "GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA" in upper
+    assert "GRANT USAGE ON ALL SEQUENCES IN SCHEMA" in upper
     assert "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA" in upper
 
 
