@@ -94,8 +94,14 @@ def went_away(conn: psycopg.AsyncConnection[Any]) -> bool:
 
 def connect_kwargs(connect_timeout: float) -> dict[str, Any]:
     """Keyword arguments for every pgcoord connection."""
-    # libpq takes whole seconds and treats values under 2 as 2.
-    return {"connect_timeout": max(2, round(connect_timeout)), **_KEEPALIVE}
+    # libpq takes whole seconds and treats values under 2 as 2. The client encoding is fixed to
+    # UTF-8 whatever the database's: Python text then always encodes, and what a LATIN1
+    # database cannot hold is refused by the server as a typed error, not a UnicodeEncodeError.
+    return {
+        "connect_timeout": max(2, round(connect_timeout)),
+        "client_encoding": "UTF8",
+        **_KEEPALIVE,
+    }
 
 
 def translate(exc: BaseException, dsn: str | None = None, what: str = "") -> PgcoordError:

@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 import pgcoord
 from pgcoord import _driver
-from tests.support import PgServer, unique_name
+from tests.support import CoordFactory, PgServer, unique_name
 
 
 @pytest.fixture
@@ -273,3 +273,27 @@ def test_a_schema_starting_with_pg_is_refused_at_construction() -> None:
         pgcoord.Coordinator("host=/nonexistent", schema="pg_")
     # Only the prefix is reserved.
     pgcoord.Coordinator("host=/nonexistent", schema="pgx")
+
+
+async def test_a_latin1_database_gives_typed_errors_not_unicode_encode_errors(
+    pg: PgServer, make_coord: CoordFactory
+) -> None:
+    # libpq's default client encoding is the database's; Python text beyond LATIN1 then fails
+    # to encode in the driver before the server is asked.
+    name = unique_name("pgct_latin1")
+    with pg.admin() as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE DATABASE {} TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
+            ).format(sql.Identifier(name))
+        )
+    dsn = pg.dsn_for(name)
+    try:
+        coord = await make_coord(dsn=dsn, migrate=True)
+        await coord.cache.set("café", "déjà vu")
+        assert await coord.cache.get("café") == "déjà vu"
+        with pytest.raises(pgcoord.PgcoordError):
+            await coord.cache.set("中文", 1)
+        await coord.stop()
+    finally:
+        pg.drop_database(name)
