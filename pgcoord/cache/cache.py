@@ -121,6 +121,15 @@ class Cache:
             raise InvalidTypeError(
                 f"the cache serializer's dumps() returned {type(text).__name__}, not str"
             )
+        if storable(text) != text:
+            # Postgres text holds neither NUL nor surrogate code units (psycopg would raise a
+            # raw UnicodeEncodeError or DataError mid-write). Refused on the memory store too,
+            # so both stores accept the same values.
+            raise InvalidInputError(
+                f"the cache serializer's dumps() returned text for key {key!r} holding NUL or a "
+                "surrogate code unit, which Postgres text cannot store; make it escape them "
+                "(json.dumps does with the default ensure_ascii=True)"
+            )
         check_size(text, self.max_value_bytes, key)
         return text
 

@@ -41,8 +41,8 @@ class Queries:
     wrap_try_lock: bytes
     wrap_unlock: bytes
     notify: bytes
-    near_lock_timeout: bytes
-    near_barrier: bytes
+    near_writers: bytes
+    near_writers_left: bytes
     near_register: bytes
     near_renew: bytes
     near_unregister: bytes

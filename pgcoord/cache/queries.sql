@@ -171,7 +171,7 @@ SELECT pg_advisory_unlock(%s)
 -- fewer commits/s with 8 writers), while a NOTIFY-only transaction writes no WAL.
 SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p
 
--- name: near_lock_timeout
+-- name: near_writers
 -- Near-cache registrations (this block and the four below). An instance with a near cache on
 -- namespace "<app>:<prefix>" keeps a row (ns "<app>;near:<prefix>", key its instance id) in
 -- this same table: ';' sorts right after ':', so these rows lie outside every app's range of
@@ -181,18 +181,28 @@ SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p
 -- sweeper's clean-up horizon for rows a crashed instance left behind, a day ahead, moved only
 -- when less than half of it is left (so a renewal rewrites written_at alone).
 --
--- This block bounds the wait for near_barrier (this transaction only): while it waits, every
--- new cache write of the schema queues behind it, so give up soon and retry later instead.
-SELECT set_config('lock_timeout', %s, true)
+-- This block: the transactions (virtual transaction ids) holding ROW EXCLUSIVE on this table
+-- now, run right after near_register committed. Every INSERT/DELETE takes that lock before
+-- its statement's snapshot and keeps it to commit, so a write missing from this answer started
+-- after the registration was visible and sees it; the registering instance waits for the ones
+-- listed (near_writers_left) before serving. Nobody waits for a lock: a table lock here would
+-- queue behind VACUUM/ANALYZE (SHARE UPDATE EXCLUSIVE) and every write behind it. Relation
+-- OIDs are per database, hence the database test; pid is NULL for a prepared transaction.
+SELECT DISTINCT l.virtualtransaction
+FROM pg_locks l
+WHERE l.locktype = 'relation' AND l.mode = 'RowExclusiveLock' AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.relation = (
+      SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = %(schema)s AND c.relname = %(table)s
+  )
+  AND l.pid IS DISTINCT FROM pg_backend_pid()
 
--- name: near_barrier
--- Taken (in the registering transaction, before near_register) so that no write can miss the
--- registration: SHARE ROW EXCLUSIVE conflicts with the ROW EXCLUSIVE lock every INSERT/DELETE
--- holds until it commits, and with itself. Writes in flight finish before the registration
--- commits (the registering instance reads only after that, so it sees them); writes arriving
--- meanwhile wait, and a statement takes its snapshot after its locks, so they see the
--- registration and NOTIFY. Self-conflicting, so two registering instances cannot deadlock.
-LOCK TABLE {entries} IN SHARE ROW EXCLUSIVE MODE
+-- name: near_writers_left
+-- Which of the transactions near_writers listed are still open: a transaction holds locks
+-- (its own virtual transaction id's, at least) until it ends, and a virtual transaction id is
+-- never reused, also when a new session takes the same backend slot.
+SELECT DISTINCT virtualtransaction FROM pg_locks WHERE virtualtransaction = ANY(%s::text[])
 
 -- name: near_register
 -- Insert or refresh this instance's registration rows (one per namespace it near-caches).
@@ -204,16 +214,17 @@ ON CONFLICT (ns, key) DO UPDATE SET
     expires_at = EXCLUDED.expires_at
 
 -- name: near_renew
--- The heartbeat of this instance's live registrations; answers the namespaces renewed. A row
--- older than the lease (or gone: swept, or the UNLOGGED table emptied by a crash) is not
--- renewed here: writers may have skipped their NOTIFY meanwhile, so the caller registers it
--- again behind near_barrier and drops that near cache's entries.
+-- The heartbeat of this instance's live registrations; answers the namespaces renewed. Only a
+-- row younger than %(fresh)s (the lease minus a margin) is renewed: a writer starting while
+-- this statement runs still sees the old written_at, and would skip its NOTIFY if that were
+-- about to lapse. An older row (or none: swept, or the UNLOGGED table emptied by a crash) is
+-- registered again (near_register, near_writers) and that near cache's entries dropped.
 UPDATE {entries} SET
     written_at = now(),
     expires_at = CASE WHEN expires_at < now() + interval '12 hours'
         THEN now() + interval '1 day' ELSE expires_at END
 WHERE ns = ANY(%(ns)s::text[]) AND key = %(me)s
-  AND written_at > now() - make_interval(secs => %(lease)s::float8)
+  AND written_at > now() - make_interval(secs => %(fresh)s::float8)
 RETURNING ns
 
 -- name: near_unregister

@@ -11,16 +11,22 @@ nobody near-caches therefore pays one index probe per write and no NOTIFY.
 
 What makes that safe:
 
-- A near cache serves nothing until its instance's registration committed (:meth:`ready`),
-  and a registration is written behind a table lock that no in-flight write can slip past
-  (``near_barrier``): every write that commits after a near cache starts reading sees the row.
+- A near cache serves nothing until its instance's registration committed *and* every write
+  that could have missed it has ended (:meth:`ready`). Writers never wait for a registration:
+  its row is committed on its own, so every write statement that starts afterwards sees it;
+  the writes already in flight are the transactions that held ``ROW EXCLUSIVE`` on the table at
+  that moment (a statement takes that lock before its snapshot), and the registering instance
+  polls ``pg_locks`` until none of them is left (``near_writers`` in ``queries.sql``), within
+  the command timeout. A table lock would be simpler but conflicts with VACUUM and ANALYZE, so
+  the registration would wait behind them, and every cache write of the schema behind it.
 - The row is renewed every :data:`RENEW` seconds; writers count it while it is younger than
   :data:`LEASE`. The instance itself stops serving :data:`MARGIN` seconds before its last
-  renewal could lapse (a frozen process, a stalled network), and when a registration is found
-  lapsed or gone it registers afresh and drops that namespace's entries, which writers may
-  have skipped telling it about.
-- After a listener reconnect every registration is confirmed again before serving (a server
-  crash empties the UNLOGGED table, registrations included).
+  renewal could lapse (a frozen process, a stalled network). A renewal only extends a row
+  younger than ``LEASE - MARGIN``: an older one (or none: a server crash empties the UNLOGGED
+  table) is registered afresh as above and that namespace's entries dropped, since a writer
+  judging the row lapsed while the renewal ran may have skipped telling this instance.
+- After a listener reconnect the near caches are emptied and serve again once a renewal
+  succeeded (the rows counted for writers all along, so nothing else was missed).
 
 A crashed instance's rows stop costing writers NOTIFYs after :data:`LEASE` seconds and are
 swept a day later; a stopping instance deletes its own.
@@ -37,6 +43,7 @@ from collections.abc import Callable, Iterable
 from pgcoord._retry import Backoff
 from pgcoord.cache.queries import Queries
 from pgcoord.runtime import Runtime
+from pgcoord.schema.cache import TABLE
 
 log = logging.getLogger("pgcoord.cache")
 
@@ -46,11 +53,15 @@ LEASE = 60.0
 RENEW = 15.0
 #: The instance stops serving this long before its registration could lapse for writers.
 MARGIN = 15.0
-#: How long a registration waits for the table lock (ms) before it gives up and retries: while
-#: it waits, every new cache write of the schema waits behind it.
-BARRIER_WAIT_MS = 200
+#: How long reads wait for a registration under way before they read Postgres instead (it
+#: takes a few round trips, unless a write transaction it must outlast stays open).
+READY_WAIT = 0.5
 #: After a failed registration, reads skip the near cache (no new attempt) for this long.
 RETRY_AFTER = 1.0
+# Polling for the writes a new registration outlasts: they are single statements, so most
+# have ended by the first look; a long one is re-checked at most this often.
+_POLL_FIRST = 0.002
+_POLL_MAX = 0.05
 
 
 def marker_ns(ns: str) -> str:
@@ -83,7 +94,13 @@ class Registrations:
         # hit). A timer per namespace takes it out when its margin runs out.
         self._valid: set[str] = set()
         self._expiry: dict[str, asyncio.TimerHandle] = {}
+        # The registration rows (markers) this instance wrote and then outlasted every write
+        # in flight of: only those may be renewed in place. A row renewed but not in here
+        # (an earlier attempt committed it, then failed while waiting) goes through
+        # registration again.
+        self._settled: set[str] = set()
         self._refreshing: asyncio.Task[bool] | None = None
+        self._refresh_started = 0.0
         self._retry_at = 0.0
         self._loop: asyncio.Task[None] | None = None
 
@@ -92,7 +109,7 @@ class Registrations:
         return ns in self._valid
 
     def forget(self) -> None:
-        """Confirm every registration again before serving (after a listener reconnect)."""
+        """Serve again only after the next successful renewal (after a listener reconnect)."""
         self._valid.clear()
         for handle in self._expiry.values():
             handle.cancel()
@@ -110,28 +127,50 @@ class Registrations:
         self._valid.add(ns)
         self._expiry[ns] = asyncio.get_running_loop().call_later(left, self._lapse, ns)
 
+    def _withdraw(self, ns: str) -> None:
+        """Stop serving ``ns`` now."""
+        handle = self._expiry.pop(ns, None)
+        if handle is not None:
+            handle.cancel()
+        self._valid.discard(ns)
+
     def _lapse(self, ns: str) -> None:
         self._expiry.pop(ns, None)
         self._valid.discard(ns)
 
     async def ready(self, ns: str) -> bool:
-        """Make sure ``ns`` is registered; False when it cannot be now (then read Postgres)."""
+        """Make sure ``ns`` is registered; False when it is not yet (then read Postgres).
+
+        Waits for the registration at most :data:`READY_WAIT` seconds after it started: one
+        that must outlast a long write transaction goes on in the background, and reads go to
+        Postgres meanwhile.
+        """
         if self.valid(ns):
             return True
         if time.monotonic() < self._retry_at:
             return False  # a registration failed a moment ago: do not hammer the server
-        await self.refresh()
+        task = self._refreshing
+        if task is None or task.done():
+            task = self._start_refresh()
+        left = self._refresh_started + READY_WAIT - time.monotonic()
+        if left > 0:
+            await asyncio.wait({task}, timeout=left)
         return self.valid(ns)
+
+    def _start_refresh(self) -> asyncio.Task[bool]:
+        self._refresh_started = time.monotonic()
+        task = self._refreshing = asyncio.create_task(
+            self._refresh(), name="pgcoord-cache-near-registration"
+        )
+        return task
 
     async def refresh(self) -> bool:
         """Renew or create the registrations of every near-cached namespace (one attempt shared
         by concurrent callers); False when it failed (logged)."""
         task = self._refreshing
         if task is None or task.done():
-            task = self._refreshing = asyncio.create_task(
-                self._refresh(), name="pgcoord-cache-near-registration"
-            )
-        # Shielded: a reader giving up must not cancel the registration others wait for.
+            task = self._start_refresh()
+        # Shielded: a caller giving up must not cancel the registration others wait for.
         return await asyncio.shield(task)
 
     async def _refresh(self) -> bool:
@@ -139,20 +178,18 @@ class Registrations:
         if not wanted:
             return True
         markers = {marker_ns(ns): ns for ns in wanted}
-        me = self._rt.instance_id
         started = time.monotonic()
+        missing: list[str] = []
         try:
-            async with self._rt.connection("cache near-cache registration") as conn:
+            async with self._rt.connection("cache near-cache renewal") as conn:
                 cur = await conn.execute(
-                    self._q.near_renew, {"ns": list(markers), "me": me, "lease": LEASE}
+                    self._q.near_renew,
+                    {"ns": list(markers), "me": self._rt.instance_id, "fresh": LEASE - MARGIN},
                 )
                 renewed = {row[0] for row in await cur.fetchall()}
-                missing = [marker for marker in markers if marker not in renewed]
-                if missing:
-                    async with conn.transaction():
-                        await conn.execute(self._q.near_lock_timeout, (f"{BARRIER_WAIT_MS}ms",))
-                        await conn.execute(self._q.near_barrier)
-                        await conn.execute(self._q.near_register, {"ns": missing, "me": me})
+            missing = [m for m in markers if m not in renewed or m not in self._settled]
+            if missing:
+                await self._register(missing, [markers[m] for m in missing])
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -164,12 +201,50 @@ class Registrations:
             )
             return False
         until = started + LEASE - MARGIN
-        for marker in missing:
-            # Lapsed or new: writers may have skipped telling this instance; start afresh.
-            self._dropped(markers[marker])
         for ns in wanted:
             self._confirm(ns, until)
         return True
+
+    async def _register(self, missing: list[str], namespaces: list[str]) -> None:
+        """Write the registration rows ``missing`` (of ``namespaces``), outlast every write that
+        may have missed them, then drop those namespaces' near entries."""
+        for marker, ns in zip(missing, namespaces, strict=True):
+            # Stop serving at once: writers may have skipped telling this instance already.
+            self._settled.discard(marker)
+            self._withdraw(ns)
+        deadline = self._rt.step_deadline()
+        async with self._rt.connection("cache near-cache registration") as conn:
+            # Autocommit: committed before the look at pg_locks below, so every write statement
+            # that is not in that look started after the rows were visible, and sees them.
+            await conn.execute(self._q.near_register, {"ns": missing, "me": self._rt.instance_id})
+            cur = await conn.execute(
+                self._q.near_writers, {"schema": self._rt.schema, "table": TABLE}
+            )
+            writers = [row[0] for row in await cur.fetchall()]
+        await self._outlast(writers, deadline)
+        for marker, ns in zip(missing, namespaces, strict=True):
+            # What was read before the registration took effect may be stale: start afresh.
+            self._dropped(ns)
+            self._settled.add(marker)
+
+    async def _outlast(self, writers: list[str], deadline: float) -> None:
+        """Wait until none of the transactions ``writers`` (virtual transaction ids) is left,
+        polling; raise TimeoutError at ``deadline`` (event-loop time)."""
+        loop = asyncio.get_running_loop()
+        poll = Backoff(_POLL_FIRST, _POLL_MAX, jitter=0.0)
+        while writers:
+            await asyncio.sleep(poll.next() or _POLL_MAX)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(
+                    f"{len(writers)} write transaction(s) on the cache table in flight at "
+                    "registration are still open at the command timeout"
+                )
+            # A connection per look, never held across the wait: with a small budget the
+            # writers being waited for may need it.
+            async with self._rt.connection("cache near-cache registration", timeout=left) as c:
+                cur = await c.execute(self._q.near_writers_left, (writers,))
+                writers = [row[0] for row in await cur.fetchall()]
 
     async def _renew_loop(self) -> None:
         backoff = Backoff(0.5, RENEW)
@@ -189,6 +264,7 @@ class Registrations:
     async def stop(self) -> None:
         """Stop renewing and delete this instance's registrations (best effort)."""
         self.forget()
+        self._settled.clear()
         for task in (self._loop, self._refreshing):
             if task is not None and not task.done():
                 task.cancel()

@@ -5,6 +5,7 @@ no harm beyond a cache miss."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -174,32 +175,190 @@ async def test_plain_caches_send_no_notify_while_no_instance_near_caches_their_p
         assert ["k", plain.ns, "a"] in await _notifications_until_flush(listen, coord)
 
 
-async def test_a_write_waiting_on_a_near_cache_registration_still_announces_itself(
-    coord: pgcoord.Coordinator, dsn: str
+def _registered(coord: pgcoord.Coordinator, cache: Cache) -> bool:
+    """May ``cache``'s near cache serve now (its registration confirmed, LISTEN up)?"""
+    return coord.cache_manager._near_usable(cache.ns)
+
+
+async def _until_registered(coord: pgcoord.Coordinator, cache: Cache, key: str) -> None:
+    """Read ``key`` (each read may start the registration) until the near cache may serve."""
+    deadline = time.monotonic() + 20
+    while True:
+        await cache.get(key)
+        if _registered(coord, cache):
+            return
+        assert time.monotonic() < deadline, "the near cache never registered"
+        await asyncio.sleep(0.02)
+
+
+def _age_registration(dsn: str, marker: str, seconds: float) -> None:
+    """Make the registration rows of ``marker`` look last renewed ``seconds`` ago."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(
+            "UPDATE pgcoord.cache_entries SET written_at = now() - make_interval(secs => %s)"
+            " WHERE ns = %s",
+            (seconds, marker),
+        )
+        assert cur.rowcount == 1
+
+
+def _registration_age(dsn: str, marker: str) -> float:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT extract(epoch FROM now() - written_at)::float8 FROM pgcoord.cache_entries"
+            " WHERE ns = %s",
+            (marker,),
+        ).fetchone()
+    assert row is not None, "no registration row"
+    return float(row[0])
+
+
+async def test_a_registration_neither_waits_for_vacuum_nor_makes_cache_writes_wait(
+    make_coord: CoordFactory, dsn: str
 ) -> None:
-    """The race a registration must close: a write whose statement started before another
-    instance's registration committed must still see it (else that instance, reading right
-    after registering, would keep the old value for its whole local_ttl)."""
+    """VACUUM and ANALYZE hold SHARE UPDATE EXCLUSIVE on the table for as long as they run:
+    a near cache must still register meanwhile, and no cache write of any instance may be
+    made to queue for a lock on the table because an instance registers."""
+    reader = await make_coord(app="shop")
+    writer = await make_coord(app="shop")
+    near = reader.cache_manager.create_cache("near", prefix="shared", local_ttl=600)
+    plain = writer.cache_manager.create_cache("plain", prefix="shared")
+    await plain.set("k", "v1")
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as vacuum,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as monitor,
+    ):
+        await vacuum.execute("LOCK TABLE pgcoord.cache_entries IN SHARE UPDATE EXCLUSIVE MODE")
+        done = asyncio.Event()
+        waited: list[tuple[Any, ...]] = []
+        writes = 0
+
+        async def watch() -> None:
+            # Every lock on the cache table a client session (not autovacuum) waits for.
+            while not done.is_set():
+                cur = await monitor.execute(
+                    "SELECT l.mode, a.query FROM pg_locks l"
+                    " JOIN pg_stat_activity a ON a.pid = l.pid"
+                    " WHERE l.relation = 'pgcoord.cache_entries'::regclass AND NOT l.granted"
+                    "   AND a.backend_type = 'client backend'"
+                )
+                waited.extend(await cur.fetchall())
+                await asyncio.sleep(0.005)
+
+        async def write() -> None:
+            nonlocal writes
+            while not done.is_set():
+                await plain.set("other", writes)
+                writes += 1
+
+        tasks = [asyncio.create_task(watch()), asyncio.create_task(write())]
+        registered = False
+        deadline = time.monotonic() + 20
+        try:
+            while not registered and time.monotonic() < deadline:
+                await near.get("k")
+                registered = _registered(reader, near)
+                await asyncio.sleep(0.02)
+            for _ in range(20):  # and writes keep going once it has registered
+                await plain.set("other", -1)
+        finally:
+            done.set()
+            await asyncio.gather(*tasks)
+        assert not waited, f"sessions waited for a lock on the cache table: {waited[:3]}"
+        assert registered, "the near cache did not register while vacuum held its lock"
+        assert writes > 0
+        await _cached(near, dsn, "k", "v1")
+        await vacuum.rollback()
+    await plain.set("k", "v2")
+    await _eventually(lambda: near.get("k"), "v2")
+
+
+async def test_a_write_in_flight_across_a_registration_delays_serving_until_it_commits(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    """The race a registration must close: a write whose statement ran before the registration
+    committed did not see it and sends no NOTIFY, so the registering instance must not serve
+    anything it read before that write committed."""
     from pgcoord.cache import queries
+    from pgcoord.cache.registration import LEASE
 
     q = queries.build("pgcoord")
-    plain = coord.cache_manager.create_cache("plain", prefix="shared")
-    await plain.set("a", 0)
-    marker = coord.cache_manager._near_marker_ns(plain.ns)
-    async with (
-        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listen,
-        await psycopg.AsyncConnection.connect(dsn) as registrant,
-    ):
-        await listen.execute(f'LISTEN "{_channel(coord)}"')
-        # Another instance's registration, held open: the write below must wait for it.
-        await registrant.execute(q.near_barrier)
-        await registrant.execute(q.near_register, {"ns": [marker], "me": "someone"})
-        write = asyncio.create_task(plain.set("a", 1))
-        await asyncio.sleep(0.2)
-        assert not write.done()
-        await registrant.commit()
-        await write
-        assert ["k", plain.ns, "a"] in await _notifications_until_flush(listen, coord)
+    reader = await make_coord(app="shop")
+    near = reader.cache_manager.create_cache("near", prefix="shared", local_ttl=600)
+    await near.set("k", "old")  # a write does not register; the first read does
+    marker = reader.cache_manager._near_marker_ns(near.ns)
+    async with await psycopg.AsyncConnection.connect(dsn) as writer:
+        # The cache's own write statement, in a transaction left open: its probe finds no
+        # registration, so this write will send no NOTIFY.
+        cur = await writer.execute(
+            q.set,
+            {
+                "ns": near.ns,
+                "key": "k",
+                "value": orjson.dumps("new").decode(),
+                "ttl": None,
+                "near": marker,
+                "me": "another instance",
+                "lease": LEASE,
+            },
+        )
+        assert await cur.fetchone() == (False,)
+        # The reader registers meanwhile: its row commits (later writes see it and NOTIFY)...
+        deadline = time.monotonic() + 20
+        while not any(row[0] == marker for row in _table(dsn)):
+            assert await near.get("k") == "old"
+            assert time.monotonic() < deadline, "the registration did not commit"
+            await asyncio.sleep(0.02)
+        # ...but it does not serve while the write that missed it is still open.
+        for _ in range(20):
+            assert await near.get("k") == "old"
+            assert not _registered(reader, near)
+            await asyncio.sleep(0.01)
+        await writer.commit()
+    # No NOTIFY was sent; the registration's wait alone keeps "old" out of the near cache.
+    assert await near.get("k") == "new"
+    await _until_registered(reader, near, "k")
+    assert await near.get("k") == "new"
+    await _cached(near, dsn, "k", "new")
+
+
+async def test_a_registration_older_than_lease_minus_margin_starts_afresh(
+    coord: pgcoord.Coordinator, dsn: str
+) -> None:
+    """A renewal of a row near its lease's end races writers judging it lapsed (who then skip
+    their NOTIFY): such a row is registered afresh, dropping the prefix's near entries."""
+    from pgcoord.cache.registration import LEASE, MARGIN
+
+    near = coord.cache_manager.create_cache("near", local_ttl=600)
+    await near.set("k", "v1")
+    await _until_registered(coord, near, "k")
+    await _cached(near, dsn, "k", "v1")
+    marker = coord.cache_manager._near_marker_ns(near.ns)
+    _age_registration(dsn, marker, LEASE - MARGIN + 1)
+    # What a writer that found the row lapsed did: change the value and tell nobody.
+    _silently_set(dsn, near.ns, "k", "v2")
+    assert await coord.cache_manager._registrations.refresh()
+    assert await near.get("k") == "v2"
+    assert _registration_age(dsn, marker) < MARGIN
+    await _until_registered(coord, near, "k")
+    await _cached(near, dsn, "k", "v2")
+
+
+async def test_a_timely_renewal_keeps_the_near_cache_entries(
+    coord: pgcoord.Coordinator, dsn: str
+) -> None:
+    from pgcoord.cache.registration import LEASE, MARGIN
+
+    near = coord.cache_manager.create_cache("near", local_ttl=600)
+    await near.set("k", "v1")
+    await _until_registered(coord, near, "k")
+    await _cached(near, dsn, "k", "v1")
+    marker = coord.cache_manager._near_marker_ns(near.ns)
+    _age_registration(dsn, marker, LEASE - MARGIN - 5)
+    assert await coord.cache_manager._registrations.refresh()
+    assert _registration_age(dsn, marker) < MARGIN
+    assert _registered(coord, near)
+    await _cached(near, dsn, "k", "v1")  # still held: renewed in place, nothing dropped
 
 
 async def test_a_stopped_instance_removes_its_near_cache_registration(
@@ -207,7 +366,7 @@ async def test_a_stopped_instance_removes_its_near_cache_registration(
 ) -> None:
     reader = await make_coord(app="shop")
     near = reader.cache_manager.create_cache("near", prefix="shared", local_ttl=600)
-    await _eventually(lambda: near.get("x"), None)
+    await _until_registered(reader, near, "x")
     assert len(_table(dsn)) == 1  # the registration row
     await reader.stop()
     assert _table(dsn) == []
@@ -337,6 +496,57 @@ async def test_unstorable_prefixes_and_names_are_refused(
         with pytest.raises(InvalidInputError):
             coord.cache_manager.create_cache(key, store=store)
     assert coord.cache_manager.caches == {}
+
+
+class _PlainText:
+    """A custom serializer storing str values as they are (no escaping at all)."""
+
+    def dumps(self, value: Any) -> str:
+        return str(value)
+
+    def loads(self, text: str) -> Any:
+        return text
+
+
+class _UnescapedJson:
+    """A custom serializer: JSON that keeps non-ASCII text as is (``ensure_ascii=False``)."""
+
+    def dumps(self, value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    def loads(self, text: str) -> Any:
+        return json.loads(text)
+
+
+UNSTORABLE_OUTPUT = [
+    pytest.param(_PlainText, "a\x00b", id="NUL"),
+    pytest.param(_PlainText, "\udfff", id="lone-low-surrogate"),
+    pytest.param(_UnescapedJson, "x\ud800", id="json-lone-surrogate"),
+    pytest.param(_UnescapedJson, {"k": ["\udbff\udfff"]}, id="json-split-pair"),
+]
+
+
+@pytest.mark.parametrize(("serializer", "value"), UNSTORABLE_OUTPUT)
+async def test_serializer_output_postgres_cannot_store_is_refused_before_any_write(
+    coord: pgcoord.Coordinator, dsn: str, kind: str, serializer: type[Any], value: Any
+) -> None:
+    cache = _make(coord, kind, "custom", serializer=serializer())
+    await cache.set("ok", "kept")
+    before = _user_rows(dsn)
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "set": lambda: cache.set("k", value),
+        "mset": lambda: cache.mset({"ok": "changed", "k": value}),
+        "wrap": lambda: cache.wrap("k", lambda: value),
+        "wrap_with_condition": lambda: cache.wrap_with_condition("k", lambda: value),
+    }
+    for what, call in calls.items():
+        with pytest.raises(InvalidInputError, match="serializer"):
+            await call()
+        assert _user_rows(dsn) == before, what
+        assert await cache.get("ok") == "kept", what
+        assert await cache.get("k") is None, what
+    await cache.set("k", "fine")  # the cache still works
+    assert await cache.get("k") == "fine"
 
 
 # -- malformed and forged notifications -----------------------------------------------------
