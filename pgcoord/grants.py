@@ -125,9 +125,7 @@ def grant_statements(role: str, schema: str = "pgcoord") -> list[tuple[str, sql.
     statements += [
         (
             "fencing tokens, the sync-message commit order, job ids of idempotent publishes",
-            sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(
-                where, who
-            ),
+            sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(where, who),
         ),
         (
             "the locks' lease functions and the message log's commit-order trigger",
