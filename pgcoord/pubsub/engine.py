@@ -6,10 +6,19 @@ itself and is ready at once; others (a sync message, a large payload, every pub/
 ``pubsub_via_table``, a transaction's wake-up, the catch-up after a reconnect) need a read from
 ``message_log``. Any role with CONNECT may NOTIFY any channel, so a payload is checked before it
 is used, and on a channel whose real messages are all pointers an envelope carried by the NOTIFY
-is ignored: what such channels deliver comes from the table, which privileges protect. Each becomes an item of one FIFO *pipeline*: reads
-start at once and run concurrently, but items are handed to the subscriptions strictly in
-arrival order, so a handler sees the messages of a channel in commit order whatever path they
-took. When the pipeline is empty, a ready message is handed over immediately (the fast path).
+is ignored: what such channels deliver comes from the table, which privileges protect.
+
+Notifications enter one FIFO *pipeline* of batches (:class:`_Batch`). The newest batch collects
+every notification that arrives while reads are running; it is read, with one ``id = ANY``
+and one ``xid = ANY`` statement however many pointers and wake-ups it holds, as soon as fewer
+than :data:`_READS_IN_FLIGHT` batch reads run. Batches are handed to the subscriptions strictly
+in arrival order, and within a batch every message keeps its arrival position, so a handler
+sees the messages of a channel in commit order whatever path they took. When the pipeline is
+empty, a ready message is handed over immediately (the fast path). A batch holds at most
+:data:`_PENDING_MAX` notifications, so a forged flood costs a few reads, two tasks and a bounded
+memory: past the bound, pub/sub notifications are dropped and counted
+(:attr:`Engine.dropped_notifications`), and sync ones collapse into one read of the durable log
+from the last commit_seq handed over, which loses nothing.
 
 Catch-up. Every sync message is also written to ``message_log``. When the listener reconnects,
 a catch-up item enters the pipeline *before* anything received on the new connection: it reads
@@ -39,7 +48,7 @@ import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple, TypeAlias
 
@@ -76,13 +85,23 @@ class Arrival(NamedTuple):
 
 #: A batch of messages ready for the subscriptions, in arrival order.
 Ready: TypeAlias = list[Arrival]
-Item: TypeAlias = Ready | asyncio.Task[Ready]
 
 # Reads for the pipeline retry for about this long (a restarting server) before giving up.
 _READ_RETRY_SECONDS = 30.0
 _SWEEP_BATCH = 1000
 # Seen ids are kept this much longer than the log keeps rows (clock skew, slow deliveries).
 _SEEN_MARGIN = 60.0
+#: Notifications one batch collects at most; past it a flood is dropped (pub/sub) or collapsed
+#: into one catch-up read (sync). Ten thousand pointers are one ``id = ANY`` read of a few ms.
+_PENDING_MAX = 10_000
+#: Batch reads running at once: one in flight while the next collects, plus one more so a
+#: slow read (a restarting server) does not hold back a batch that is ready.
+_READS_IN_FLIGHT = 2
+#: Seconds between two warnings of one kind about notifications that named nothing readable.
+_WARN_EVERY = 10.0
+
+# Kinds of batch entries: a message carried by the NOTIFY, a pointer, a wake-up, a catch-up.
+_MESSAGE, _POINTER, _WAKE, _CATCH_UP = range(4)
 
 
 @lru_cache(maxsize=4096)
@@ -100,6 +119,25 @@ class _Channel:
         self.durable = durable
         # Keyed by the user's channel: two names hashed to one Postgres channel stay apart.
         self.subs: dict[str, list[Subscription]] = {}
+
+
+class _Batch:
+    """Notifications handed over together after one read of the log (see the module docstring).
+
+    ``entries`` keep arrival order: (kind, value, Postgres channel) with value an Arrival, a
+    row id, an xid, or None for a catch-up. A pointer or xid repeated within the batch is kept
+    once, so a flood of one replayed pointer costs one entry.
+    """
+
+    __slots__ = ("entries", "keys", "overflowed", "task")
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, Any, str]] = []
+        self.keys: set[tuple[int, Any, str]] = set()
+        #: Sync notifications were let go past the bound: read the durable log after the last
+        #: commit_seq handed over instead.
+        self.overflowed = False
+        self.task: asyncio.Task[Ready] | None = None
 
 
 class Engine:
@@ -130,6 +168,13 @@ class Engine:
         self.via_table = via_table
         #: Pub/sub messages dropped from full subscription backlogs since construction.
         self.dropped = 0
+        #: Pub/sub notifications (messages, pointers, wake-ups) dropped because a flood
+        #: overflowed the pending batch (:data:`_PENDING_MAX`), since construction.
+        self.dropped_notifications = 0
+        #: Notifications waiting in the pipeline (collected or being read).
+        self.pending = 0
+        #: Notifications one batch collects at most (:data:`_PENDING_MAX`; tests lower it).
+        self.pending_max = _PENDING_MAX
         self._q = Queries(rt.table("message_log"))
         self._wake = rt.channel("wake", "transactions")
         self._sweep_key = rt.advisory_key("pubsub", "sweep")
@@ -148,10 +193,19 @@ class Engine:
             self.sync_retention + _SEEN_MARGIN / 2,
             self.spill_retention + _SEEN_MARGIN / 2,
         )
-        self._pipeline: deque[Item] = deque()
+        self._pipeline: deque[_Batch] = deque()
+        # The pipeline's last batch while it collects (not read yet): only the last can be.
+        self._collecting: _Batch | None = None
         self._drainer: asyncio.Task[None] | None = None
-        # Reads feeding the pipeline: the drainer awaits each one and logs its failure.
+        # Batch reads feeding the pipeline: the drainer awaits each one and logs its failure.
         self._tasks = TaskSet("pub/sub", log_failures=False)
+        # Snapshot taken before this engine's first LISTEN: rows visible in it were committed
+        # before it listened, so no pointer or wake-up it receives is really for them.
+        self._start_snapshot = ""
+        # The highest commit_seq handed to the subscriptions: where a collapsed flood resumes.
+        self._last_seq = 0
+        self._warned_at: dict[str, float] = {}
+        self._unwarned: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._running = False
         self._reconnects = 0
@@ -202,6 +256,7 @@ class Engine:
         self._running = True
         listener = self._rt.listener
         self._reconnects = listener.reconnects
+        self._start_snapshot = await self._snapshot()
         await listener.listen(self._wake, self.on_notify)
         for sub in self._all_subscriptions():
             sub.open()
@@ -222,6 +277,8 @@ class Engine:
         tasks = [t for t in (self._drainer, self._sweeper, *self._tasks) if t is not None]
         self._drainer = self._sweeper = None
         self._pipeline.clear()
+        self._collecting = None
+        self.pending = 0
         current = asyncio.current_task()
         for task in tasks:
             if task is not current:
@@ -369,12 +426,11 @@ class Engine:
     # -- receiving -------------------------------------------------------------------------
 
     def on_notify(self, pg: str, payload: str) -> None:
-        """Listener callback: turn one notification into a pipeline item (never blocks)."""
+        """Listener callback: add one notification to the pipeline (never blocks)."""
         if not self._running:
             return
         if self._rt.listener.reconnects != self._reconnects:
             self.on_reconnect()
-        item: Item
         # Anyone with CONNECT may NOTIFY any channel (docs/security.md): every payload is
         # checked, and a malformed one is logged and dropped without touching the server.
         if pg == self._wake:
@@ -385,35 +441,33 @@ class Engine:
             except ValueError as exc:
                 log.warning("pgcoord: dropped a notification on %s: %s", pg, exc)
                 return
-            item = self._spawn(self._read_transaction(xid))
-        else:
-            ch = self._channels.get(pg)
-            if ch is None:
-                return
-            try:
-                row_id = wire.pointer_id(payload)
-            except ValueError as exc:
-                log.warning("pgcoord: dropped a malformed message on %s: %s", pg, exc)
-                return
-            if row_id is not None:
-                item = self._spawn(self._on_channel(pg, self._read_spilled(row_id)))
-            elif ch.durable or self.via_table:
-                # Real messages of this channel come as pointers: an envelope in the NOTIFY
-                # itself was forged (or sent by a pgcoord older than this one), never delivered.
-                log.debug("pgcoord: ignored a message carried by a NOTIFY on %s", pg)
-                return
-            else:
-                try:
-                    item = [Arrival(pg, wire.parse(payload))]
-                except ValueError as exc:
-                    log.warning("pgcoord: dropped a malformed message on %s: %s", pg, exc)
-                    return
-                if not self._pipeline:
-                    self._deliver(item)
-                    return
-        self._pipeline.append(item)
-        if self._drainer is None:
-            self._drainer = asyncio.create_task(self._drain(), name="pgcoord-message-pipeline")
+            self._add(_WAKE, xid, pg, durable=any(c.durable for c in self._channels.values()))
+            return
+        ch = self._channels.get(pg)
+        if ch is None:
+            return
+        try:
+            row_id = wire.pointer_id(payload)
+        except ValueError as exc:
+            log.warning("pgcoord: dropped a malformed message on %s: %s", pg, exc)
+            return
+        if row_id is not None:
+            self._add(_POINTER, row_id, pg, durable=ch.durable)
+            return
+        if ch.durable or self.via_table:
+            # Real messages of this channel come as pointers: an envelope in the NOTIFY
+            # itself was forged (or sent by a pgcoord older than this one), never delivered.
+            log.debug("pgcoord: ignored a message carried by a NOTIFY on %s", pg)
+            return
+        try:
+            arrival = Arrival(pg, wire.parse(payload))
+        except ValueError as exc:
+            log.warning("pgcoord: dropped a malformed message on %s: %s", pg, exc)
+            return
+        if not self._pipeline:
+            self._deliver([arrival])
+            return
+        self._add(_MESSAGE, arrival, pg, durable=False)
 
     def on_reconnect(self) -> None:
         """The listener reconnected: queue a catch-up ahead of what the new connection brings."""
@@ -422,30 +476,75 @@ class Engine:
             return
         self._reconnects = listener.reconnects
         if any(ch.durable for ch in self._channels.values()):
-            self._pipeline.append(self._spawn(self._catch_up()))
-            if self._drainer is None:
-                self._drainer = asyncio.create_task(self._drain(), name="pgcoord-message-pipeline")
+            self._add(_CATCH_UP, None, "", durable=True)
 
-    def _spawn(self, coro: Coroutine[Any, Any, Ready]) -> asyncio.Task[Ready]:
-        task: asyncio.Task[Ready] = self._tasks.spawn(coro)
-        return task
+    def _add(self, kind: int, value: Any, pg: str, *, durable: bool) -> None:
+        """Put one notification in the collecting batch (a new one if none collects)."""
+        batch = self._collecting
+        if batch is None:
+            batch = self._collecting = _Batch()
+            self._pipeline.append(batch)
+        key = (kind, value, pg)
+        if kind != _MESSAGE and key in batch.keys:
+            return
+        if kind != _CATCH_UP and len(batch.entries) >= self.pending_max:
+            self._overflow(batch, kind, durable)
+        else:
+            if kind != _MESSAGE:
+                batch.keys.add(key)
+            batch.entries.append(key)
+            self.pending += 1
+        self._start_reads()
+        if self._drainer is None:
+            self._drainer = asyncio.create_task(self._drain(), name="pgcoord-message-pipeline")
+
+    def _overflow(self, batch: _Batch, kind: int, durable: bool) -> None:
+        # A flood: nothing of it is kept. What was durable is read back by commit_seq; a
+        # wake-up may also have named pub/sub rows, so it counts as dropped as well.
+        if durable:
+            batch.overflowed = True
+        if kind != _POINTER or not durable:
+            self.dropped_notifications += 1
+        self._warn(
+            "overflow",
+            1,
+            "pgcoord: %d notifications arrived while %d others waited to be read (a flood, "
+            "maybe forged); pub/sub ones were dropped (%d in all), sync ones are read back "
+            "from the message log",
+            self.pending_max,
+            self.dropped_notifications,
+        )
+
+    def _start_reads(self) -> None:
+        batch = self._collecting
+        if batch is None or len(self._tasks) >= _READS_IN_FLIGHT:
+            return
+        self._collecting = None
+        task: asyncio.Task[Ready] = self._tasks.spawn(self._read_batch(batch))
+        # A finished read lets the collecting batch start at once, whatever the drainer awaits.
+        task.add_done_callback(lambda _: self._start_reads() if self._running else None)
+        batch.task = task
 
     async def _drain(self) -> None:
         try:
             while self._pipeline:
                 head = self._pipeline[0]
-                if isinstance(head, list):
-                    ready = head
-                else:
-                    try:
-                        ready = await head
-                    except Exception:
-                        # A read that failed unexpectedly must not stay at the head: every
-                        # later message would queue behind it forever. Its messages are lost
-                        # (logged); the rest of the pipeline goes on.
-                        log.exception("pgcoord: reading messages failed; dropped them")
-                        ready = []
+                if head.task is None:
+                    # Only the collecting batch can be unread: no read runs ahead of it.
+                    self._start_reads()
+                assert head.task is not None
+                try:
+                    ready = await head.task
+                except Exception:
+                    # A read that failed unexpectedly must not stay at the head: every
+                    # later message would queue behind it forever. Its messages are lost
+                    # (logged); the rest of the pipeline goes on.
+                    log.exception("pgcoord: reading messages failed; dropped them")
+                    ready = []
+                if not self._pipeline or self._pipeline[0] is not head:
+                    return  # stopped meanwhile
                 self._pipeline.popleft()
+                self.pending -= len(head.entries)
                 if self._running:
                     self._deliver(ready)
         finally:
@@ -456,6 +555,8 @@ class Engine:
         now = asyncio.get_running_loop().time()
         me = self._rt.instance_id
         for pg, env, logged, commit_seq in ready:
+            if commit_seq is not None and commit_seq > self._last_seq:
+                self._last_seq = commit_seq
             ch = self._channels.get(pg)
             if ch is None:
                 continue
@@ -469,6 +570,21 @@ class Engine:
                 continue
             for sub in tuple(subs):
                 sub.offer(env.message, commit_seq)
+
+    def _warn(self, kind: str, count: int, message: str, *args: Any) -> None:
+        """Log ``message`` at most once every :data:`_WARN_EVERY` seconds per ``kind``: a flood
+        must not become a flood of log lines. Its first argument is how many times it happened
+        since the last line (``count`` now and those left unlogged before)."""
+        # Each one at debug level (cheap when disabled), so none goes unrecorded if wanted.
+        log.debug(message, count, *args)
+        count += self._unwarned.get(kind, 0)
+        now = asyncio.get_running_loop().time()
+        if now - self._warned_at.get(kind, -_WARN_EVERY) < _WARN_EVERY:
+            self._unwarned[kind] = count
+            return
+        self._warned_at[kind] = now
+        self._unwarned[kind] = 0
+        log.warning(message, count, *args)
 
     # -- backlogs (the Host of each Subscription) --------------------------------------------
 
@@ -487,7 +603,7 @@ class Engine:
         rows = await self._read_rows(
             "sync messages a slow handler let go",
             self._q.after_seq,
-            (pg, after, self.sync_retention, limit),
+            (pg, after, limit),
         )
         if rows is None:
             return None
@@ -525,47 +641,85 @@ class Engine:
                 log.warning("pgcoord: reading %s failed (%s); retrying", what, exc)
                 await asyncio.sleep(delay)
 
-    async def _read(self, what: str, query: bytes, params: Sequence[Any]) -> Ready:
-        ready: Ready = []
-        for pg, text, commit_seq in await self._read_rows(what, query, params) or ():
-            try:
-                ready.append(Arrival(pg, wire.parse(text), True, commit_seq))
-            except ValueError as exc:
-                log.warning("pgcoord: dropped a malformed logged message on %s: %s", pg, exc)
-        return ready
-
-    async def _read_transaction(self, xid: int) -> Ready:
-        return await self._read(
-            "a transaction's messages",
-            self._q.by_xid,
-            (xid, list(self._channels), *self._windows),
-        )
-
-    async def _read_spilled(self, row_id: int) -> Ready:
-        ready = await self._read("a logged message", self._q.by_id, (row_id, *self._windows))
-        if not ready:
-            # Swept already, or a pointer someone NOTIFYed that names no recent row.
-            log.warning("pgcoord: logged message %s was gone before it could be read", row_id)
-        return ready
-
     @staticmethod
-    async def _on_channel(pg: str, read: Coroutine[Any, Any, Ready]) -> Ready:
-        """Only the messages ``read`` returns that were logged on ``pg``: a pointer NOTIFYed on
-        one channel never delivers another channel's row."""
-        ready = await read
-        kept = [arrival for arrival in ready if arrival.pg == pg]
-        if len(kept) != len(ready):
-            log.warning("pgcoord: dropped a pointer on %s to another channel's message", pg)
-        return kept
+    def _parsed(row: Sequence[Any]) -> Arrival | None:
+        pg, text, commit_seq = row
+        try:
+            return Arrival(pg, wire.parse(text), True, commit_seq)
+        except ValueError as exc:
+            log.warning("pgcoord: dropped a malformed logged message on %s: %s", pg, exc)
+            return None
 
-    async def _catch_up(self) -> Ready:
+    async def _read_batch(self, batch: _Batch) -> Ready:
+        """The messages of ``batch`` in arrival order: at most one read per kind of entry."""
+        ids = [value for kind, value, _ in batch.entries if kind == _POINTER]
+        xids = [value for kind, value, _ in batch.entries if kind == _WAKE]
+        by_id: dict[int, tuple[Any, ...]] = {}
+        if ids:
+            params: tuple[Any, ...] = (ids, *self._windows, self._start_snapshot)
+            for row_id, *row in (
+                await self._read_rows("logged messages", self._q.by_id, params) or ()
+            ):
+                by_id[row_id] = tuple(row)
+        by_xid: dict[int, list[Arrival]] = {}
+        if xids and self._channels:
+            params = (xids, list(self._channels), self._start_snapshot)
+            for xid, *row in (
+                await self._read_rows("transactions' messages", self._q.by_xid, params) or ()
+            ):
+                arrival = self._parsed(row)
+                if arrival is not None:
+                    by_xid.setdefault(xid, []).append(arrival)
+        ready: Ready = []
+        gone = elsewhere = 0
+        for kind, value, pg in batch.entries:
+            if kind == _MESSAGE:
+                ready.append(value)
+            elif kind == _POINTER:
+                found = by_id.get(value)
+                if found is None:
+                    gone += 1
+                elif found[0] != pg:
+                    # A pointer NOTIFYed on one channel never delivers another channel's row.
+                    elsewhere += 1
+                else:
+                    arrival = self._parsed(found)
+                    if arrival is not None:
+                        ready.append(arrival)
+            elif kind == _WAKE:
+                ready.extend(by_xid.get(value, ()))
+            else:
+                ready.extend(await self._catch_up())
+        if batch.overflowed:
+            ready.extend(await self._catch_up(after=self._last_seq))
+        if gone:
+            # Swept already, or pointers someone NOTIFYed that name no recent row.
+            self._warn(
+                "gone", gone, "pgcoord: %d logged messages were gone before they could be read"
+            )
+        if elsewhere:
+            self._warn(
+                "elsewhere", elsewhere, "pgcoord: dropped %d pointers to another channel's message"
+            )
+        return ready
+
+    async def _catch_up(self, after: int | None = None) -> Ready:
+        """The sync messages of this instance's channels it may have missed: since each one's
+        LISTEN (after a reconnect), or only after commit_seq ``after`` (after a flood)."""
         pgs = [pg for pg, ch in self._channels.items() if ch.durable and pg in self._snapshots]
         if not pgs:
             return []
         snaps = [self._snapshots[pg] for pg in pgs]
-        ready = await self._read(
-            "missed sync messages", self._q.catch_up, (pgs, snaps, self.sync_retention)
-        )
+        params: tuple[Any, ...]
+        if after is None:
+            query, params = self._q.catch_up, (pgs, snaps, self.sync_retention)
+        else:
+            query, params = self._q.catch_up_after, (pgs, snaps, self.sync_retention, after)
+        ready: Ready = []
+        for row in await self._read_rows("missed sync messages", query, params) or ():
+            arrival = self._parsed(row)
+            if arrival is not None:
+                ready.append(arrival)
         log.info("pgcoord: caught up on the sync-message log (%d rows read)", len(ready))
         return ready
 

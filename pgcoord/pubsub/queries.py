@@ -27,6 +27,7 @@ class Queries:
     after_seq: bytes = field(init=False)
     snapshot: bytes = field(init=False)
     catch_up: bytes = field(init=False)
+    catch_up_after: bytes = field(init=False)
     sweep: bytes = field(init=False)
 
     def __post_init__(self, log: sql.Identifier) -> None:

@@ -32,31 +32,42 @@ WITH r AS (
 SELECT pg_notify(%s, r.xid::text) FROM r
 
 -- name: by_id
--- The envelope a {"p": id} pointer names, read back by every receiver. Params: id, sync
--- retention (s), pub/sub retention (s). A pointer anyone could have NOTIFYed (see
--- docs/security.md) finds only a row still within its retention, so never an old message
--- replayed after receivers forgot its id; the receiver also drops a row of another channel
+-- The envelopes a batch of {"p": id} pointers names, read back by every receiver. Params: ids
+-- (bigint[]), sync retention (s), pub/sub retention (s), the receiver's start snapshot. One
+-- statement per batch of pointers however many arrived (a forged flood costs a few reads).
+-- A pointer anyone could have NOTIFYed (see docs/security.md) finds only a row committed
+-- after the receiver started (not visible in the snapshot it took before its first LISTEN)
+-- and still within its retention, so never an old message replayed after receivers forgot
+-- its id. The window cannot hide a real row: pointers are sent by insert_and_notify, whose
+-- row is written by its own one-statement transaction, so created_at is its commit time
+-- (transactional rows travel by xid, below). The receiver drops a row of another channel
 -- than the pointer's. commit_seq: NULL except on sync messages.
-SELECT channel, envelope, commit_seq FROM {log}
-WHERE id = %s
+SELECT id, channel, envelope, commit_seq FROM {log}
+WHERE id = ANY(%s::bigint[])
   AND created_at > now() - make_interval(secs => CASE WHEN durable THEN %s ELSE %s END)
+  AND NOT pg_visible_in_snapshot(xid::text::xid8, %s::pg_snapshot)
 
 -- name: by_xid
--- One committed transaction's messages on the given channels, in publish order (the wake-up
--- names only the xid). Params: xid, channels (text[]), sync retention (s), pub/sub
--- retention (s); the retention bound as in by_id.
-SELECT channel, envelope, commit_seq FROM {log}
-WHERE xid = %s AND channel = ANY(%s)
-  AND created_at > now() - make_interval(secs => CASE WHEN durable THEN %s ELSE %s END)
+-- A batch of committed transactions' messages on the given channels, in publish order within
+-- each transaction (the wake-up names only the xid). Params: xids (bigint[]), channels
+-- (text[]), the receiver's start snapshot. No created_at bound: created_at is the
+-- transaction's start, so a transaction open longer than the retention would hide its own
+-- rows. A replayed xid is bounded instead by the start snapshot (rows committed before the
+-- receiver started are not for it), by the seen ids (kept longer than the sweeper keeps rows)
+-- and by the sweeper, which deletes rows by created_at, i.e. soon after a long transaction
+-- commits.
+SELECT xid, channel, envelope, commit_seq FROM {log}
+WHERE xid = ANY(%s::bigint[]) AND channel = ANY(%s)
+  AND NOT pg_visible_in_snapshot(xid::text::xid8, %s::pg_snapshot)
 ORDER BY id
 
 -- name: after_seq
 -- A sync channel's messages committed after commit_seq, in commit order, for a subscription
 -- whose in-memory backlog overflowed and that now re-reads what it let go. Params: channel,
--- commit_seq, window (s), limit.
+-- commit_seq, limit. No created_at bound: it would hide the rows of a transaction open longer
+-- than the retention, which the subscription let go live; the sweeper bounds the rows anyway.
 SELECT channel, envelope, commit_seq FROM {log}
 WHERE channel = %s AND durable AND commit_seq > %s
-  AND created_at > now() - make_interval(secs => %s)
 ORDER BY commit_seq
 LIMIT %s
 
@@ -79,6 +90,19 @@ JOIN unnest(%s::text[], %s::text[]) AS s(channel, snap) ON l.channel = s.channel
 WHERE l.durable
   AND l.created_at > now() - make_interval(secs => %s)
   AND NOT pg_visible_in_snapshot(l.xid::text::xid8, s.snap::pg_snapshot)
+ORDER BY l.commit_seq, l.id
+
+-- name: catch_up_after
+-- The sync messages of the given channels committed after commit_seq: what a receiver reads
+-- instead of the pointers it let go when a flood of notifications overflowed its pending
+-- batch. Params as catch_up, then the highest commit_seq already handed over.
+SELECT l.channel, l.envelope, l.commit_seq
+FROM {log} AS l
+JOIN unnest(%s::text[], %s::text[]) AS s(channel, snap) ON l.channel = s.channel
+WHERE l.durable
+  AND l.created_at > now() - make_interval(secs => %s)
+  AND NOT pg_visible_in_snapshot(l.xid::text::xid8, s.snap::pg_snapshot)
+  AND l.commit_seq > %s
 ORDER BY l.commit_seq, l.id
 
 -- name: sweep

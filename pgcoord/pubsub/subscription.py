@@ -207,6 +207,10 @@ class Subscription:
 
     async def _read_back(self) -> None:
         """The backlog is empty and sync messages were let go: read the next page back."""
+        # Live arrivals keep being let go while the read runs (they raise _wanted). The page
+        # reflects the log as of its own snapshot: only what was let go *before* it was asked
+        # for can be judged lost when the page ends short of it.
+        asked = self._wanted
         page = await self._host.reread(self, self._high, self.backlog)
         if not self._open:
             return
@@ -227,18 +231,21 @@ class Subscription:
             self._high = max(self._high, page.last)
         if self._wanted <= self._high:
             self._behind = False  # everything let go is back; newer messages arrive live
-        elif not page.full:
-            # The log ends before what was let go: the sweeper deleted it (the handler fell
-            # further behind than sync_log_retention).
+        elif not page.full and asked > self._high:
+            # The log ends before what was let go when the read began: the sweeper deleted it
+            # (the handler fell further behind than sync_log_retention).
             log.error(
                 "pgcoord: sync handler %r on channel %r fell further behind than the message "
                 "log's retention (sync_log_retention); messages up to number %d are lost",
                 self.handler,
                 self.channel,
-                self._wanted,
+                asked,
             )
-            self._high = self._wanted
-            self._behind = False
+            self._high = asked
+            # Anything let go during the read is still behind: the next page reads it.
+            self._behind = self._wanted > self._high
+        # Else more pages follow, or messages were let go while this one was read: they
+        # committed after its snapshot, so the next page has them.
 
     async def close(self) -> None:
         """Stop: drop pending and debounced messages; no handler call starts after this."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import pgcoord
@@ -17,16 +19,16 @@ async def test_a_read_failing_unexpectedly_does_not_block_later_messages(
     coord: pgcoord.Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine: Engine = coord.pubsub_manager._engine
-    real = engine._read_spilled
+    real = engine._read_batch
     failures = []
 
-    async def fail_once(row_id: int) -> Ready:
+    async def fail_once(batch: Any) -> Ready:
         if not failures:
-            failures.append(row_id)
+            failures.append(batch)
             raise RuntimeError("injected: an unexpected bug in a read")
-        return await real(row_id)
+        return await real(batch)
 
-    monkeypatch.setattr(engine, "_read_spilled", fail_once)
+    monkeypatch.setattr(engine, "_read_batch", fail_once)
     inbox = Inbox()
     await coord.pubsub_manager.subscribe("c", inbox)
     await coord.pubsub_manager.publish("c", LARGE)  # its read fails: lost (and logged)

@@ -439,3 +439,187 @@ def test_pointers_and_wake_ups_are_checked_before_any_query() -> None:
             wire_format.wake_xid(bad)
     with pytest.raises(ValueError, match="nests too deeply"):
         wire_format.parse("[" * 100_000)
+
+
+# -- review of the hardening: read-back, long transactions, forged floods -----------------------
+
+
+async def test_a_slow_sync_handler_loses_nothing_committed_while_it_reads_back(
+    make_coord: CoordFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sender, receiver = await make_coord(), await make_coord(pubsub_backlog=5)
+    gate = asyncio.Event()
+    got: list[Any] = []
+
+    async def slow(message: Any) -> None:
+        await gate.wait()
+        got.append(message)
+
+    live = Inbox()  # a fast subscription on the same channel: it sees each live arrival
+    await receiver.sync_message_manager.subscribe("s", slow)
+    await receiver.sync_message_manager.subscribe("s", live)
+    total = 20
+    for n in range(total):
+        await sender.sync_message_manager.publish("s", n)
+    await live.wait_for(total)
+    assert any("behind" in r.getMessage() for r in caplog.records)
+
+    # Messages committed after a read-back's snapshot reach the subscription live while the
+    # page is on its way: the read returns, then they are published and arrive, then the page
+    # is handed back. Twice, on the last (not full) pages.
+    engine = receiver.pubsub_manager._engine
+    real_reread = engine.reread
+    injected: list[int] = []
+
+    async def reread_then_publish(sub: Any, after: int, limit: int) -> Any:
+        page = await real_reread(sub, after, limit)
+        if sub.handler is slow and page is not None and not page.full and len(injected) < 6:
+            batch = [total + len(injected) + i for i in range(3)]
+            injected.extend(batch)
+            for n in batch:
+                await sender.sync_message_manager.publish("s", n)
+            await until(lambda: live.messages[-1:] == [batch[-1]])
+        return page
+
+    engine.reread = reread_then_publish  # type: ignore[method-assign]
+    gate.set()
+    expected = list(range(total + 6))
+    await until(lambda: len(injected) == 6 and len(got) >= len(expected))
+    await settle()
+    assert got == expected
+    lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert lost == []
+
+
+@pytest.mark.parametrize("service", ["pubsub", "sync"])
+async def test_a_message_published_in_a_transaction_older_than_its_retention_is_delivered(
+    make_coord: CoordFactory, dsn: str, service: str
+) -> None:
+    a, b = await make_coord(), await make_coord()
+
+    def manager(coord: pgcoord.Coordinator) -> Any:
+        return coord.pubsub_manager if service == "pubsub" else coord.sync_message_manager
+
+    inbox = Inbox()
+    await manager(b).subscribe("c", inbox)
+    async with await psycopg.AsyncConnection.connect(dsn) as txn:
+        await manager(a).publish("c", "long", transaction=txn)
+        # created_at is now(), the transaction's start: this row is what a transaction that
+        # began ten minutes ago (past either retention + 30 s) writes.
+        await txn.execute(
+            "UPDATE pgcoord.message_log SET created_at = created_at - interval '10 minutes'"
+            " WHERE xid = pg_current_xact_id()::text::bigint"
+        )
+        await txn.commit()
+    await manager(a).publish("c", "after")
+    assert (await inbox.wait_for(1))[0] == "long"
+    assert await inbox.wait_for(2) == ["long", "after"]
+    await settle()
+    assert inbox.messages == ["long", "after"]
+
+
+async def test_a_forged_notify_flood_costs_bounded_tasks_reads_and_memory(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    # Under pubsub_via_table every pub/sub message is a pointer too: all of b's channels read.
+    a, b = await make_coord(pubsub_via_table=True), await make_coord(pubsub_via_table=True)
+    sync_in, pub_in = Inbox(), Inbox()
+    await b.sync_message_manager.subscribe("s", sync_in)
+    await b.pubsub_manager.subscribe("p", pub_in)
+    await a.sync_message_manager.publish("s", "before")
+    assert await sync_in.wait_for(1) == ["before"]
+    engine = b.pubsub_manager._engine
+    reads = 0
+    real_read_rows = engine._read_rows
+
+    async def counted(*args: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real_read_rows(*args)
+
+    engine._read_rows = counted  # type: ignore[method-assign]
+    baseline = len(asyncio.all_tasks())
+    most_tasks = most_pending = 0
+    flooding = True
+
+    async def sample() -> None:
+        nonlocal most_tasks, most_pending
+        while flooding:
+            most_tasks = max(most_tasks, len(asyncio.all_tasks()) - baseline)
+            most_pending = max(most_pending, getattr(engine, "pending", 0))
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    flood = 100_000
+
+    def forge() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_notify(%s, '{\"p\":' || g || '}') FROM generate_series(1, %s) g",
+                (wire(b, "sync", "s"), flood),
+            )
+            conn.execute(
+                "SELECT pg_notify(%s, g::text) FROM generate_series(1, %s) g",
+                (wire(b, "wake", "transactions"), flood // 5),
+            )
+
+    try:
+        await asyncio.to_thread(forge)
+        # Published after the flood: delivered behind it, so their arrival means it was read.
+        await a.sync_message_manager.publish("s", "during")
+        await a.pubsub_manager.publish("p", "during")
+        async with await psycopg.AsyncConnection.connect(dsn) as txn:
+            await a.sync_message_manager.publish("s", "in a transaction", transaction=txn)
+            await txn.commit()
+        await sync_in.wait_for(3, timeout=60.0)
+        await pub_in.wait_for(1, timeout=60.0)
+    finally:
+        flooding = False
+        await sampler
+    await settle()
+    assert sync_in.messages == ["before", "during", "in a transaction"]
+    assert pub_in.messages == ["during"]
+    # One read per batch, at most two in flight, a bounded set of pending pointers.
+    assert most_tasks <= 10, most_tasks
+    assert reads <= 1_000, reads
+    assert most_pending <= 20_000, most_pending
+
+
+async def test_a_flood_past_the_pending_bound_loses_no_sync_message(
+    make_coord: CoordFactory, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await make_coord(pubsub_via_table=True)
+    b = await make_coord(pubsub_via_table=True)
+    sync_in = Inbox()
+    await b.sync_message_manager.subscribe("s", sync_in)
+    await a.sync_message_manager.publish("s", "before")
+    assert await sync_in.wait_for(1) == ["before"]
+    engine = b.pubsub_manager._engine
+    # Reads keep up with 10,000 pending notifications on this machine: a bound of 100 makes
+    # the flood overflow it while two reads are in flight.
+    engine.pending_max = 100
+
+    def forge(channel: str, template: str, count: int) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_notify(%s, format(%s, g)) FROM generate_series(1, %s) g",
+                (channel, template, count),
+            )
+
+    flood = asyncio.gather(
+        asyncio.to_thread(forge, wire(b, "sync", "s"), '{"p":%s}', 50_000),
+        asyncio.to_thread(forge, wire(b, "wake", "transactions"), "%s", 50_000),
+    )
+    # Published while the flood arrives: its pointer may well be let go past the bound, and
+    # is then read back by commit_seq.
+    for n in range(20):
+        await a.sync_message_manager.publish("s", n)
+    await flood
+    await a.sync_message_manager.publish("s", "after")
+    await sync_in.wait_for(22, timeout=60.0)
+    await settle()
+    assert sync_in.messages == ["before", *range(20), "after"]
+    # Wake-ups past the bound were dropped and counted (they may name pub/sub rows, which
+    # are not read back: a pub/sub message can be lost in a flood, never a sync one).
+    assert engine.dropped_notifications > 0
+    assert any("a flood, maybe forged" in r.getMessage() for r in caplog.records)

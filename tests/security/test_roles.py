@@ -439,8 +439,10 @@ async def test_forged_notifies_do_not_run_jobs_twice_lose_them_release_locks_or_
 
     async def barrier() -> None:
         # Delivered after every NOTIFY the stranger committed before it, on b's one listener.
-        await a.pubsub_manager.publish("marker", len(marks.messages))
-        await marks.wait_for(len(marks.messages) + 1)
+        # Counted before publishing: the marker may arrive before publish() returns.
+        seen = len(marks.messages)
+        await a.pubsub_manager.publish("marker", seen)
+        await marks.wait_for(seen + 1)
 
     near_a = a.cache_manager.create_cache("near", local_ttl=60)
     near_b = b.cache_manager.create_cache("near", local_ttl=60)
