@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgcoord import _statements as statements
 from pgcoord._conninfo import describe_server as describe_server  # re-exported
-from pgcoord._deadline import Connection
+from pgcoord._deadline import Bounded, Connection
 from pgcoord._retry import Backoff
 from pgcoord.errors import ConnectionFailedError, DatabaseError, PgcoordError
 
@@ -211,12 +211,21 @@ async def _reconnect_again(pool: AsyncConnectionPool) -> None:
         await pool.check()
 
 
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    # A database or role default idle_session_timeout would have the server close the pool's
-    # sessions during every quiet period (and a statement sent in the instant it does fails
-    # with 57P05). Once per connection: nothing else pgcoord sends changes it for good (a
-    # held lock arms it as its lease and disarms it when it lets go).
-    await conn.execute(statements.WORK_SESSION_SETUP)
+def _configurer(
+    connect_timeout: float,
+) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        # A database or role default idle_session_timeout would have the server close the
+        # pool's sessions during every quiet period (and a statement sent in the instant it
+        # does fails with 57P05). Once per connection: nothing else pgcoord sends changes it for
+        # good (a held lock arms it as its lease and disarms it when it lets go). Bounded like
+        # the connect itself: behind a full PgBouncer the statement would wait for a server
+        # connection, and the pool's worker could then not be stopped.
+        deadline = asyncio.get_running_loop().time() + connect_timeout
+        async with Bounded(conn, deadline, "work session setup"):
+            await conn.execute(statements.WORK_SESSION_SETUP)
+
+    return configure
 
 
 def make_pool(dsn: str, *, max_size: int, connect_timeout: float, name: str) -> AsyncConnectionPool:
@@ -240,7 +249,7 @@ def make_pool(dsn: str, *, max_size: int, connect_timeout: float, name: str) -> 
         reconnect_failed=_reconnect_again,
         kwargs={"autocommit": True, **connect_kwargs(connect_timeout)},
         connection_class=Connection,
-        configure=_configure,
+        configure=_configurer(connect_timeout),
         open=False,
         name=name,
         # No per-borrow `check`: it would cost a round trip on every operation. A connection

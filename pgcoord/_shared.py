@@ -50,6 +50,14 @@ def link_for(dsn: str) -> ServerLink:
     return link
 
 
+#: What a failed pool open was doing: its first connection includes the session setup, which
+#: a pooler such as PgBouncer queues until one of its server connections is free.
+_OPEN_POOL_WHAT = (
+    "start: opening the work pool (a pooler such as PgBouncer queues a new connection's "
+    "first statement until one of its server connections is free: is its pool full?)"
+)
+
+
 class ServerLink:
     """The listener and pgcoord-owned pool of one loop on one server, reference-counted."""
 
@@ -95,7 +103,7 @@ class ServerLink:
                     await pool.open(wait=True, timeout=connect_timeout)
                 except Exception as exc:
                     await pool.close()
-                    raise _driver.translate(exc, self._dsn) from exc
+                    raise _driver.translate(exc, self._dsn, _OPEN_POOL_WHAT) from exc
                 self._pool = PoolSource(pool, self._dsn, owned=True)
             self._pool_sizes[max_size] += 1
             await self._fit_pool()
