@@ -40,6 +40,11 @@ async def _leases(db: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
 _SHORT = 60.0
 
 
+def _long(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The lease rows whose ttl is not short (NULL: no lease)."""
+    return [row for row in rows if row[3] is None or row[3] >= _SHORT * 1000]
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -128,7 +133,9 @@ async def check_take(
     gen.tally(f"{method} {'accepted' if done else 'refused'}")
     if not done:
         assert await locks.holders() == held_before, f"a refused {method} holds something"
-        assert await _leases(db) == before, f"a refused {method} wrote a lease row"
+        # Rows of short leases are left out: an earlier example's lock with a 1 ms lease can
+        # be promoted (and lost) in the background while this one runs.
+        assert _long(await _leases(db)) == _long(before), f"a refused {method} wrote a lease row"
         return
     assert isinstance(key, str)
     want = _want_ttl(ttl)
