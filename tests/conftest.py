@@ -45,6 +45,10 @@ _NOT_THROUGH_A_BOUNCER = {
     "tests/locks/test_processes.py::test_terminated_holder_session_frees_the_lock_and_the_holder_sees_lost": (
         "it terminates the holder's Lock.backend_pid, a bouncer's cancel key (see test_api)"
     ),
+    "tests/locks/test_hardening.py::test_a_killed_holders_lease_rows_do_not_stay": (
+        "a killed client's server session goes back to the bouncer's pool, so the holder's "
+        "listener backend (pid + start) stays alive and its rows go only when the lease ends"
+    ),
     "tests/pubsub/test_processes.py::test_overlapping_transactions_committed_while_disconnected_are_caught_up_in_commit_order": (
         "it forbids new server connections while its client connections have run no query "
         "yet: behind a bouncer a client gets its server session at its first query, so they wait"
