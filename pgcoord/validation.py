@@ -17,6 +17,9 @@ IDENTIFIER_RE = re.compile(r"[a-z][a-z0-9_]*")
 IDENTIFIER_MAX = 32
 #: Keys and channels: any non-empty Unicode string up to this many characters.
 KEY_MAX = 255
+#: Postgres ``integer`` and ``bigint`` bounds, for :func:`check_int`.
+INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1
+INT8_MIN, INT8_MAX = -(2**63), 2**63 - 1
 #: The longest finite duration accepted, in seconds (about 31 years). Longer ones overflow the
 #: server's timestamps or asyncio's timers; pass ``None`` (or ``math.inf`` where the argument
 #: says so) for "no limit" instead.
@@ -83,30 +86,24 @@ def check_key(value: object, what: str = "key", *, stored: bool = True) -> str:
         raise InvalidInputError(f"{what} must not be empty")
     if len(value) > KEY_MAX:
         raise InvalidInputError(f"{what} is {len(value)} characters; the maximum is {KEY_MAX}")
-    if value.isascii():
-        if stored and "\x00" in value:
-            raise InvalidInputError(
-                f"{what} must not contain NUL (\\x00): Postgres text cannot hold it"
-            )
-        return value
     if stored:
         if "\x00" in value:
             raise InvalidInputError(
                 f"{what} must not contain NUL (\\x00): Postgres text cannot hold it"
             )
-        found = _SURROGATE_RE.search(value)
+        found = None if value.isascii() else _SURROGATE_RE.search(value)
         if found is not None:
             raise InvalidInputError(
                 f"{what} holds the surrogate code unit {ord(found.group()):#06x} at index "
                 f"{found.start()}: it is not Unicode text Postgres can store"
             )
-    else:
-        at = split_pair_at(value)
-        if at is not None:
-            raise InvalidInputError(
-                f"{what} holds a surrogate pair written as two code units at index {at}; "
-                "write the character itself"
-            )
+        return value
+    at = split_pair_at(value)
+    if at is not None:
+        raise InvalidInputError(
+            f"{what} holds a surrogate pair written as two code units at index {at}; "
+            "write the character itself"
+        )
     return value
 
 
@@ -157,12 +154,17 @@ def check_non_negative(value: object, what: str, *, finite: bool = False) -> flo
     return _no_inf(number, value, what, finite)
 
 
-def check_int(value: object, what: str, *, minimum: int | None = None) -> int:
-    """Validate an integer option such as ``max_retries`` or ``priority``."""
+def check_int(
+    value: object, what: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """Validate an integer option such as ``max_retries`` or ``priority``, within
+    ``minimum``..``maximum`` when given (e.g. :data:`INT4_MAX` for a Postgres ``integer``)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidTypeError(f"{what} must be an int, not {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise InvalidInputError(f"{what} must be >= {minimum}; got {value!r}")
+    if maximum is not None and value > maximum:
+        raise InvalidInputError(f"{what} must be <= {maximum}; got {value!r}")
     return value
 
 

@@ -16,20 +16,9 @@ import psycopg
 
 from pgcoord import codec
 from pgcoord._driver import translated
-from pgcoord.errors import InvalidInputError, InvalidTypeError
+from pgcoord.errors import InvalidTypeError
 from pgcoord.queue.queries import Queries
-from pgcoord.validation import check_int, check_key, check_positive
-
-#: Postgres ``bigint`` bounds: job ids, and the most rows a listing may ask for.
-_INT8_MIN = -(2**63)
-_INT8_MAX = 2**63 - 1
-
-
-def _check_int8(value: object, what: str, *, minimum: int = _INT8_MIN) -> int:
-    number = check_int(value, what, minimum=minimum)
-    if number > _INT8_MAX:
-        raise InvalidInputError(f"{what} must be <= {_INT8_MAX}; got {number}")
-    return number
+from pgcoord.validation import INT8_MAX, INT8_MIN, check_int, check_key, check_positive
 
 
 @dataclass(frozen=True)
@@ -72,7 +61,7 @@ def check_filters(channel: object, ids: object) -> tuple[str | None, list[int] |
         return ch, None
     if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
         raise InvalidTypeError("ids must be an iterable of int job ids")
-    return ch, [_check_int8(i, "job id") for i in ids]
+    return ch, [check_int(i, "job id", minimum=INT8_MIN, maximum=INT8_MAX) for i in ids]
 
 
 async def list_failed(
@@ -86,7 +75,8 @@ async def list_failed(
 ) -> list[FailedJob]:
     """Dead letters of ``app`` (optionally of one channel / some ids), oldest failure first."""
     ch, id_list = check_filters(channel, ids)
-    _check_int8(limit, "limit", minimum=1)
+    # Job ids and a listing's LIMIT are Postgres bigints.
+    check_int(limit, "limit", minimum=1, maximum=INT8_MAX)
     params = {"app": app, "channel": ch, "ids": id_list, "limit": limit}
     with translated():
         cur = await conn.execute(queries.list_failed, params)

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgcoord.errors import InvalidInputError, InvalidTypeError
-from pgcoord.validation import check_callable, check_int, check_non_negative, check_positive
-
-#: Postgres ``integer`` bounds (priority, max_retries are stored as int4).
-_INT4_MIN = -(2**31)
-_INT4_MAX = 2**31 - 1
+from pgcoord.validation import (
+    INT4_MAX,
+    INT4_MIN,
+    check_callable,
+    check_int,
+    check_non_negative,
+    check_positive,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +80,11 @@ def _check_publish(
     # Finite: a try without a time limit would hold its lease (renewed) forever, and a job
     # delayed forever would never run; both are stored as server intervals too.
     t = check_positive(timeout, "timeout", finite=True)
-    retries = check_int(max_retries, "max_retries", minimum=0)
-    if retries > _INT4_MAX:
-        raise InvalidInputError(f"max_retries must be <= {_INT4_MAX}; got {retries}")
+    # priority and max_retries are stored as Postgres integers.
+    retries = check_int(max_retries, "max_retries", minimum=0, maximum=INT4_MAX)
     d = check_non_negative(delay, "delay", finite=True)
-    p = check_int(priority, "priority", minimum=_INT4_MIN)
-    if p > _INT4_MAX:
+    p = check_int(priority, "priority", minimum=INT4_MIN)
+    if p > INT4_MAX:
         raise InvalidInputError(f"priority must be within a 32-bit int; got {p}")
     return PublishOptions(timeout=t, max_retries=retries, delay=d, priority=p)
 

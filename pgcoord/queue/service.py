@@ -17,7 +17,7 @@ from pgcoord import codec
 from pgcoord import transaction as txn
 from pgcoord._driver import translated
 from pgcoord._retry import TaskSet
-from pgcoord.errors import InvalidInputError, InvalidTypeError, JobError, PgcoordError
+from pgcoord.errors import InvalidTypeError, JobError, PgcoordError
 from pgcoord.queue import deadletters, keys, queries
 from pgcoord.queue.deadletters import FailedJob
 from pgcoord.queue.keys import check_idempotency_key
@@ -27,6 +27,7 @@ from pgcoord.queue.throttle import NotifyState, NotifyStates
 from pgcoord.queue.worker import Worker
 from pgcoord.runtime import Runtime, Service
 from pgcoord.validation import (
+    INT4_MAX,
     check_int,
     check_key,
     check_non_negative,
@@ -52,8 +53,6 @@ _FAILED_SWEEP_INTERVAL = 60.0
 #: Dead letters deleted per sweep statement, and statements per sweep at most.
 _FAILED_SWEEP_BATCH = 1000
 _FAILED_SWEEP_STATEMENTS = 20
-#: The most jobs one claim may ask for (its LIMIT is a Postgres integer).
-_BATCH_MAX = 2**31 - 1
 
 
 class EventQueue(Service):
@@ -118,9 +117,10 @@ class EventQueue(Service):
         self._max_interruptions = check_int(
             self.option("queue_max_interruptions"), "queue_max_interruptions", minimum=1
         )
-        self._batch = check_int(self.option("queue_batch"), "queue_batch", minimum=1)
-        if self._batch > _BATCH_MAX:
-            raise InvalidInputError(f"queue_batch must be <= {_BATCH_MAX}; got {self._batch}")
+        # At most a Postgres integer: it is a claim's LIMIT.
+        self._batch = check_int(
+            self.option("queue_batch"), "queue_batch", minimum=1, maximum=INT4_MAX
+        )
         self._gap = check_non_negative(
             self.option("queue_notify_gap"), "queue_notify_gap", finite=True
         )
