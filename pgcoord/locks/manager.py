@@ -195,12 +195,10 @@ class LockManager(Service):
         return await self._rt.run("locks sweep", delete, idempotent=True)
 
     async def _sweep_forever(self) -> None:
-        # Instances started together sweep at different moments (a random first wait), and
-        # each sweeps about once per interval: several sweeping at once only share the work.
-        wait = random.uniform(0.0, self._sweep_interval)
         while True:
-            await asyncio.sleep(wait)
-            wait = self._sweep_interval * random.uniform(0.8, 1.2)
+            # Jittered like the cache's sweep: instances started together do not sweep in
+            # lockstep, and several sweeping at once only share the work.
+            await asyncio.sleep(self._sweep_interval * random.uniform(0.8, 1.2))
             if self._stopped():
                 continue
             try:

@@ -29,6 +29,7 @@ QUIET_SERVICES = {
     "cache_sweep_interval": NEVER,
     "pubsub_spill_retention": NEVER,
     "sync_log_retention": NEVER,
+    "lock_sweep_interval": NEVER,
 }
 
 
