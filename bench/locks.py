@@ -4,8 +4,11 @@ Rows, all measured in this one run. The machine is noisy, so contenders alternat
 loops in 0.25 s slices, contended runs in two halves; each figure covers all its slices.
 
 - uncontended ``LockManager.run_exclusive`` (1 task, no-op fn) beside the raw
-  ``pg_advisory_lock`` + ``pg_advisory_unlock`` pair on one connection (goal: ratio >= 0.8) and
-  beside python-redis-lock ``Lock.acquire`` + ``release`` on the local Redis;
+  ``pg_advisory_lock`` + ``pg_advisory_unlock`` pair on one connection, as psycopg runs it
+  (goal: ratio >= 0.8); beside the same pair sent through libpq directly, prepared, with no
+  cursor layer (the path pgcoord's hot statements take, see ``pgcoord/_prepared.py``: the gap
+  to it is what pgcoord's own bookkeeping costs); and beside python-redis-lock
+  ``Lock.acquire`` + ``release`` on the local Redis;
 - one key contended by 8 tasks in 2 processes: ``run_exclusive`` handoffs/s beside the raw
   blocking pair on 8 connections (goal: ratio >= 0.8) and beside python-redis-lock with 8
   threads in 2 processes.
@@ -27,6 +30,7 @@ import psycopg
 
 import pgcoord
 from bench._common import BenchContext, rate, sync_rate
+from pgcoord import _prepared
 
 RAW_KEY = 424242
 TASKS_PER_PROCESS = 4
@@ -37,13 +41,20 @@ def _noop() -> None:
     return None
 
 
-async def _uncontended(ctx: BenchContext, dsn: str) -> tuple[float, float, float]:
+async def _uncontended(ctx: BenchContext, dsn: str) -> tuple[float, float, float, float]:
     import redis
     import redis_lock
 
     rounds = max(2, round(ctx.seconds / 0.25))
     piece = ctx.seconds / rounds
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    lean_conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    lock_stmt = _prepared.Statement("bench_lock", b"SELECT pg_advisory_lock(%s)", (_prepared.INT8,))
+    unlock_stmt = _prepared.Statement(
+        "bench_unlock", b"SELECT pg_advisory_unlock(%s)", (_prepared.INT8,)
+    )
+    lean_key = (_prepared.int8(RAW_KEY + 1),)
+    lean_formats = (_prepared.BINARY_FORMAT,)
     coord = pgcoord.Coordinator(dsn, app="bench")
     await coord.start()
     client = redis.Redis.from_url(ctx.redis_url)
@@ -54,6 +65,10 @@ async def _uncontended(ctx: BenchContext, dsn: str) -> tuple[float, float, float
             await conn.execute("SELECT pg_advisory_lock(%s)", (RAW_KEY,))
             await conn.execute("SELECT pg_advisory_unlock(%s)", (RAW_KEY,))
 
+        async def lean() -> None:
+            await _prepared.run(lean_conn, lock_stmt, lean_key, lean_formats)
+            await _prepared.run(lean_conn, unlock_stmt, lean_key, lean_formats)
+
         async def pgcoord_cycle() -> None:
             await coord.lock_manager.run_exclusive("uncontended", _noop)
 
@@ -63,16 +78,19 @@ async def _uncontended(ctx: BenchContext, dsn: str) -> tuple[float, float, float
 
         for _ in range(200):  # warm up: connections open, statements prepared
             await raw()
+            await lean()
             await pgcoord_cycle()
             redis_cycle()
-        totals = [0.0, 0.0, 0.0]
+        totals = [0.0, 0.0, 0.0, 0.0]
         for _ in range(rounds):
             totals[0] += await rate(raw, piece) / rounds
             totals[1] += await rate(pgcoord_cycle, piece) / rounds
             totals[2] += sync_rate(redis_cycle, piece) / rounds
-        return totals[0], totals[1], totals[2]
+            totals[3] += await rate(lean, piece) / rounds
+        return totals[0], totals[1], totals[2], totals[3]
     finally:
         await conn.close()
+        await lean_conn.close()
         await coord.stop()
         client.close()
 
@@ -141,7 +159,7 @@ async def _contended(ctx: BenchContext, dsn: str, mode: str) -> float:
 async def run(ctx: BenchContext) -> None:
     """Measure the rows described in the module docstring."""
     dsn = ctx.fresh_database()
-    raw, mine, peer = await _uncontended(ctx, dsn)
+    raw, mine, peer, lean = await _uncontended(ctx, dsn)
     ctx.row(
         "uncontended run_exclusive, 1 task",
         mine,
@@ -149,6 +167,14 @@ async def run(ctx: BenchContext) -> None:
         baseline="raw pg_advisory_lock+unlock, 1 conn",
         baseline_value=raw,
         note="goal >= 0.8",
+    )
+    ctx.row(
+        "uncontended run_exclusive, 1 task",
+        mine,
+        "cycles/s",
+        baseline="the same raw pair through libpq directly, prepared",
+        baseline_value=lean,
+        note="pgcoord's own bookkeeping",
     )
     ctx.row(
         "uncontended run_exclusive, 1 task",

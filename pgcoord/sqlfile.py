@@ -63,3 +63,26 @@ def render(statements: dict[str, str], **parts: sql.Composable) -> dict[str, byt
         name: sql.SQL(text).format(**parts).as_string(None).encode()
         for name, text in statements.items()
     }
+
+
+_PLACEHOLDER = re.compile(rb"%(.)", re.DOTALL)
+
+
+def numbered(text: bytes) -> tuple[bytes, int]:
+    """A rendered statement's ``%s`` placeholders as libpq's ``$1, $2, ...``, and their count.
+
+    For statements sent through libpq directly (``pgcoord._prepared``). Only positional ``%s``
+    is accepted: named ``%(name)s``, ``%b``/``%t`` and ``%%`` raise ValueError.
+    """
+    count = 0
+
+    def number(match: re.Match[bytes]) -> bytes:
+        nonlocal count
+        if match.group(1) != b"s":
+            raise ValueError(
+                f"only %s placeholders can be numbered, not %{match.group(1).decode(errors='replace')}"
+            )
+        count += 1
+        return b"$%d" % count
+
+    return _PLACEHOLDER.sub(number, text), count

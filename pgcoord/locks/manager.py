@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import psycopg
 
-from pgcoord import _driver
+from pgcoord import _driver, _prepared
 from pgcoord._deadline import Bounded
 from pgcoord._retry import Backoff, TaskSet
 from pgcoord.errors import ConnectionFailedError, LockAcquireError, LockLostError, NotRunningError
@@ -71,6 +71,31 @@ DEFAULT_SESSIONS = 2
 _MANAGERS: weakref.WeakSet[LockManager] = weakref.WeakSet()
 
 Connection = psycopg.AsyncConnection[Any]
+
+# Parameter formats of the hot statements: (ttl text, key bigint) and (key, key).
+_ACQUIRE_FORMATS = (_prepared.TEXT_FORMAT, _prepared.BINARY_FORMAT)
+_UNLOCK_FORMATS = (_prepared.BINARY_FORMAT, _prepared.BINARY_FORMAT)
+
+
+@dataclass(frozen=True)
+class HotStatements:
+    """The two statements every uncontended lock runs, sent through libpq directly
+    (:mod:`pgcoord._prepared`: psycopg's cursor layer costs a third of a round trip)."""
+
+    acquire_warm: _prepared.Statement
+    unlock: _prepared.Statement
+
+    @classmethod
+    def of(cls, queries: LockQueries) -> HotStatements:
+        """The hot statements of one schema's rendered queries."""
+        return cls(
+            acquire_warm=_prepared.Statement(
+                "lock_acquire", queries.acquire_warm, (_prepared.TEXT, _prepared.INT8)
+            ),
+            unlock=_prepared.Statement(
+                "lock_unlock", queries.unlock, (_prepared.INT8, _prepared.INT8)
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -129,6 +154,7 @@ class LockManager(Service):
         )
         self._sweeper: asyncio.Task[None] | None = None
         self._queries = LockQueries.for_schema(runtime.schema)
+        self._hot = HotStatements.of(self._queries)
         self._port = _LockPort(self)  # what each Lock may call back
         # One task per key on the server: the session holding a key re-enters it, so tasks
         # of this process are kept apart here, FIFO.
@@ -449,17 +475,21 @@ class LockManager(Service):
         """One try on the server: (the lock, None, False) or (None, holder's lease left, newly
         marked). ``deadline`` bounds the wait for a connection."""
         self._check_running()
+        if len(self._sessions) >= self._session_cap():  # checked here: this path is hot
+            try:
+                async with asyncio.timeout_at(None if until is None else until + LAST_TRY):
+                    await self._make_room()
+            except TimeoutError:
+                raise LockAcquireError(
+                    f"the lock {name!r} was not acquired in time: this process's earlier locks "
+                    "were still being moved off the connections it needs"
+                ) from None
         try:
-            async with asyncio.timeout_at(None if until is None else until + LAST_TRY):
-                await self._make_room()
-        except TimeoutError:
-            raise LockAcquireError(
-                f"the lock {name!r} was not acquired in time: this process's earlier locks were "
-                "still being moved off the connections it needs"
-            ) from None
-        try:
-            async with asyncio.timeout_at(deadline):
+            if deadline is None:
                 conn = await self._rt.acquire()
+            else:
+                async with asyncio.timeout_at(deadline):
+                    conn = await self._rt.acquire()
         except ConnectionFailedError:
             self._check_running()  # the pool closed under us because the Coordinator stopped
             raise
@@ -515,10 +545,18 @@ class LockManager(Service):
             token, expires_in, newly = await cur.fetchone() or (None, None, False)
             return token, expires_in, newly, None
         epoch = self._epochs.get(conn)
-        query = self._queries.acquire if epoch is None else self._queries.acquire_warm
-        cur = await conn.execute(query, (str(ttl_ms), advisory_key), binary=True)
+        if epoch is not None:
+            # The hot path (a session that knows the epoch): straight through libpq.
+            result = await _prepared.run(
+                conn,
+                self._hot.acquire_warm,
+                (str(ttl_ms).encode(), _prepared.int8(advisory_key)),
+                _ACQUIRE_FORMATS,
+            )
+            return _prepared.read_int8(result.get_value(0, 0)), None, False, epoch
+        cur = await conn.execute(self._queries.acquire, (str(ttl_ms), advisory_key), binary=True)
         row = await cur.fetchone()
-        return (row[0] if row else None), None, False, epoch
+        return (row[0] if row else None), None, False, None
 
     async def _listen(self, channel: str, deadline: float | None, name: str) -> None:
         """LISTEN for the key's releases, within the try_acquire deadline if there is one."""
@@ -668,13 +706,12 @@ class LockManager(Service):
         if conn is not None:
             # Bounded: past it the session is closed, which lets the lock go just the same.
             async with self._bound(conn, f"lock release {lock.key!r}"):
-                cur = await conn.execute(
-                    q.unlock, (lock.advisory_key, lock.advisory_key), binary=True
-                )
-                row = await cur.fetchone()
-                if row and row[2]:  # contended: clear the mark and NOTIFY the waiters
+                key = _prepared.int8(lock.advisory_key)
+                result = await _prepared.run(conn, self._hot.unlock, (key, key), _UNLOCK_FORMATS)
+                if _prepared.read_bool(result.get_value(0, 2)):
+                    # Contended: clear the mark and NOTIFY the waiters.
                     await conn.execute(q.wake_waiters, (lock.advisory_key, lock.channel))
-            return bool(row and row[0])
+            return _prepared.read_bool(result.get_value(0, 0))
 
         async def release_lease(pooled: Connection) -> bool:
             cur = await pooled.execute(

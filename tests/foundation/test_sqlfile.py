@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from psycopg import sql
 
-from pgcoord.sqlfile import parse, render
+from pgcoord.sqlfile import numbered, parse, render
 
 TEXT = """
 -- The file's own comment.
@@ -46,3 +46,15 @@ def test_identifiers_are_composed_by_psycopg_and_rendered_to_bytes() -> None:
 def test_malformed_files_are_refused(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse(text)
+
+
+def test_positional_placeholders_are_numbered_for_libpq() -> None:
+    text, count = numbered(b"SELECT f(%s, %s) FROM t WHERE k = %s")
+    assert (text, count) == (b"SELECT f($1, $2) FROM t WHERE k = $3", 3)
+    assert numbered(b"SELECT 1") == (b"SELECT 1", 0)
+
+
+@pytest.mark.parametrize("text", [b"SELECT %(name)s", b"SELECT %b", b"SELECT 5 %% 2"])
+def test_only_positional_placeholders_can_be_numbered(text: bytes) -> None:
+    with pytest.raises(ValueError, match="only %s placeholders"):
+        numbered(text)
