@@ -1,5 +1,5 @@
 """Where work connections come from: a psycopg pool (pgcoord's own or the caller's ``pool=``)
-or the pool of a SQLAlchemy ``AsyncEngine`` (``engine=``).
+or the pool of a SQLAlchemy ``Engine`` or ``AsyncEngine`` (``engine=``).
 
 Every source lends autocommit psycopg ``AsyncConnection``s, because services run their
 statements as they are and expect each to commit on its own. A connection that arrives with
@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from typing import TYPE_CHECKING, Any
+import weakref
+from typing import Any
 
 import psycopg
 import psycopg.conninfo
@@ -22,13 +23,11 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgcoord import _driver
+from pgcoord._deadline import Connection
 from pgcoord._kept import Conn, KeptConnections
 from pgcoord.errors import ConnectionFailedError, InvalidTypeError
 
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
-#: The SQLAlchemy driver ``engine=`` accepts (``postgresql+psycopg``, async).
+#: The SQLAlchemy driver ``engine=`` accepts (``postgresql+psycopg``, sync or async).
 SUPPORTED_DRIVER = "postgresql+psycopg"
 
 
@@ -160,14 +159,14 @@ class EngineSource(WorkSource):
     borrowers queue here, first come first served, for up to ``timeout`` seconds.
     """
 
-    def __init__(self, engine: AsyncEngine, dsn: str, *, limit: int, timeout: float) -> None:
+    def __init__(self, engine: Any, dsn: str, *, limit: int, timeout: float) -> None:
         super().__init__(dsn)
         self.engine = engine
         self._limit = limit
         self._timeout = timeout
         self._slots = asyncio.Semaphore(limit)
         self._queued = 0
-        self._held: dict[int, Any] = {}  # id(driver connection) -> its SQLAlchemy AsyncConnection
+        self._held: dict[int, Any] = {}  # id(lent connection) -> what gives it back
 
     @property
     def capacity(self) -> int:
@@ -192,12 +191,7 @@ class EngineSource(WorkSource):
         finally:
             self._queued -= 1
         try:
-            sa_conn = await self.engine.connect()
-            try:
-                raw = await sa_conn.get_raw_connection()
-            except BaseException:
-                await sa_conn.close()
-                raise
+            conn, handle = await self._checkout()
         except BaseException as exc:
             self._slots.release()
             if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
@@ -207,23 +201,120 @@ class EngineSource(WorkSource):
                     f"the engine= pool gave no connection ({_driver.describe_server(self.dsn)}): {exc}"
                 ) from exc
             raise
-        conn = raw.driver_connection
-        assert isinstance(conn, psycopg.AsyncConnection)
-        self._held[id(conn)] = sa_conn
+        self._held[id(conn)] = handle
         return conn
 
     async def _return(self, conn: Conn) -> None:
-        sa_conn = self._held.pop(id(conn))
+        handle = self._held.pop(id(conn))
         try:
-            if conn.closed or conn.broken:
-                # Tell the engine's pool to drop it rather than roll back a dead socket.
-                await sa_conn.invalidate()
-            await sa_conn.close()
+            await self._checkin(conn, handle)
         finally:
             self._slots.release()
 
+    async def _checkout(self) -> tuple[Conn, Any]:
+        """One connection from the engine, and what :meth:`_checkin` needs to give it back."""
+        sa_conn = await self.engine.connect()
+        try:
+            raw = await sa_conn.get_raw_connection()
+        except BaseException:
+            await sa_conn.close()
+            raise
+        conn = raw.driver_connection
+        assert isinstance(conn, psycopg.AsyncConnection)
+        return conn, sa_conn
+
+    async def _checkin(self, conn: Conn, sa_conn: Any) -> None:
+        if conn.closed or conn.broken:
+            # Tell the engine's pool to drop it rather than roll back a dead socket.
+            await sa_conn.invalidate()
+        await sa_conn.close()
+
     def _waiting(self) -> bool:
         return self._queued > 0
+
+
+class _Lent(Connection):
+    """An async view of a sync psycopg connection's libpq session, for as long as pgcoord has it
+    checked out of a sync ``Engine`` (:class:`SyncEngineSource`).
+
+    The session is the sync connection's own: this object never prepares statements the
+    psycopg way (the sync object numbers its own prepared names, and two counters on one
+    session would collide), and it does not own the session, so it is never reported as left
+    open. Closing it ends the session, which the engine's pool then discards.
+    """
+
+    def __del__(self, *_: object) -> None:
+        return  # the sync connection owns the session
+
+
+class SyncEngineSource(EngineSource):
+    """Connections checked out of a sync SQLAlchemy ``Engine``'s pool (``engine=``).
+
+    psycopg's sync and async connections are thin objects over one libpq session each, in
+    non-blocking mode either way; while the engine's pool has lent one to pgcoord, nothing else
+    uses it, so pgcoord drives the same session from its event loop through an async view of it
+    (:class:`_Lent`, one per sync connection, kept as long as it lives). Checkout and checkin
+    block (the pool's lock and ``pool_timeout``, the rollback on return), so they run in a
+    worker thread; a checkout that finishes after its borrower gave up goes straight back.
+    The session's notice and notification handlers are the sync connection's again before it
+    goes home; what pgcoord leaves on the session is what it leaves on any connection it
+    borrows: autocommit off again, no transaction open.
+    """
+
+    def __init__(self, engine: Any, dsn: str, *, limit: int, timeout: float) -> None:
+        super().__init__(engine, dsn, limit=limit, timeout=timeout)
+        # Each sync connection's view, and the handlers the view put on the session.
+        self._views: weakref.WeakKeyDictionary[Any, tuple[_Lent, tuple[Any, Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def _checkout(self) -> tuple[Conn, Any]:
+        loop = asyncio.get_running_loop()
+        pending = loop.run_in_executor(None, self.engine.raw_connection)
+        try:
+            raw = await asyncio.shield(pending)
+        except BaseException:
+            # Given up (a timeout or a cancel): whatever the thread still checks out goes back.
+            pending.add_done_callback(_give_back_late)
+            raise
+        try:
+            sync_conn = raw.driver_connection
+            if not isinstance(sync_conn, psycopg.Connection):
+                raise InvalidTypeError(
+                    f"engine= lent a {type(sync_conn).__name__}, not a psycopg Connection"
+                )
+            pgconn = sync_conn.pgconn
+            lent = (pgconn.notice_handler, pgconn.notify_handler)
+            known = self._views.get(sync_conn)
+            if known is None or known[0].pgconn is not pgconn:
+                view = _Lent(pgconn)  # points the session's handlers at itself
+                view.prepare_threshold = None
+                known = self._views[sync_conn] = (
+                    view,
+                    (pgconn.notice_handler, pgconn.notify_handler),
+                )
+            view, (notice, notify) = known
+            # The session's notices and notifications reach the view while pgcoord has it.
+            pgconn.notice_handler, pgconn.notify_handler = notice, notify
+        except BaseException:
+            await asyncio.to_thread(raw.close)
+            raise
+        return view, (raw, lent)
+
+    async def _checkin(self, conn: Conn, handle: Any) -> None:
+        raw, (notice, notify) = handle
+        pgconn = conn.pgconn
+        pgconn.notice_handler, pgconn.notify_handler = notice, notify
+        if conn.closed or conn.broken:
+            await asyncio.to_thread(raw.invalidate)
+        await asyncio.to_thread(raw.close)
+
+
+def _give_back_late(pending: asyncio.Future[Any]) -> None:
+    if pending.cancelled() or pending.exception() is not None:
+        return
+    raw = pending.result()
+    asyncio.get_running_loop().run_in_executor(None, raw.close)
 
 
 def pool_dsn(pool: AsyncConnectionPool) -> str | None:
@@ -257,32 +348,26 @@ def _libpq_keywords() -> frozenset[str]:
 def engine_dsn(engine: Any) -> str:
     """The libpq conninfo of a SQLAlchemy engine's URL (password included), for the listener.
 
-    Refuses what cannot lend psycopg ``AsyncConnection``s: another driver, or a sync
-    ``Engine`` (see docs/operations.md: psycopg builds an ``AsyncConnection`` only from its own
-    connect, and sharing a sync connection's socket with an async wrapper is not sound).
+    Refuses what cannot lend psycopg connections: something that is not an ``Engine`` or
+    ``AsyncEngine``, or another driver than psycopg 3.
     """
     import sqlalchemy as sa
 
     if isinstance(engine, sa.Engine):
-        dialect, is_async = engine.dialect, False
+        dialect = engine.dialect
     else:
         from sqlalchemy.ext.asyncio import AsyncEngine
 
         if not isinstance(engine, AsyncEngine):
             raise InvalidTypeError(
-                f"engine must be a SQLAlchemy AsyncEngine, not {type(engine).__name__}"
+                f"engine must be a SQLAlchemy Engine or AsyncEngine, not {type(engine).__name__}"
             )
-        dialect, is_async = engine.sync_engine.dialect, True
+        dialect = engine.sync_engine.dialect
     if (dialect.name, dialect.driver) != ("postgresql", "psycopg"):
         raise InvalidTypeError(
-            f"engine= supports the {SUPPORTED_DRIVER} driver only (async: create_async_engine("
-            f"'{SUPPORTED_DRIVER}://...')); this engine uses {dialect.name}+{dialect.driver}"
-        )
-    if not is_async:
-        raise InvalidTypeError(
-            "engine= needs an AsyncEngine: a sync Engine's connections cannot run pgcoord's "
-            f"async statements; pass create_async_engine('{SUPPORTED_DRIVER}://...') with the "
-            "same URL, or a psycopg_pool.AsyncConnectionPool as pool="
+            f"engine= supports the {SUPPORTED_DRIVER} driver only (create_engine or "
+            f"create_async_engine('{SUPPORTED_DRIVER}://...')); this engine uses "
+            f"{dialect.name}+{dialect.driver}"
         )
     cargs, cparams = dialect.create_connect_args(engine.url)
     params = {k: v for k, v in cparams.items() if isinstance(v, str | int) and v is not None}

@@ -16,7 +16,14 @@ from psycopg_pool import AsyncConnectionPool
 from pgcoord import _deadline, _driver, _pooler, _shared
 from pgcoord import _statements as statements
 from pgcoord import migrate as migrations
-from pgcoord._sources import EngineSource, PoolSource, WorkSource, engine_dsn, pool_dsn
+from pgcoord._sources import (
+    EngineSource,
+    PoolSource,
+    SyncEngineSource,
+    WorkSource,
+    engine_dsn,
+    pool_dsn,
+)
 from pgcoord.cache import Cache, CacheManager
 from pgcoord.dsn import DSN_ENV, resolve_dsn
 from pgcoord.errors import (
@@ -74,7 +81,7 @@ class Coordinator:
     (``max_connections = pool_size + 1``).
 
     ``pool`` shares a caller's ``AsyncConnectionPool``, ``engine`` borrows from a SQLAlchemy
-    ``AsyncEngine`` (driver ``postgresql+psycopg``; at most ``max_connections - 1`` of its
+    ``AsyncEngine`` or ``Engine`` (driver ``postgresql+psycopg``; at most ``max_connections - 1`` of its
     connections at once); either way pgcoord adds only the shared listener, whose DSN is
     ``dsn`` or else what the pool (its ``conninfo`` and ``kwargs``) or the engine (its URL)
     connects with, never ``$PGCOORD_DSN``. Given both, ``start()`` refuses a ``dsn`` that
@@ -343,7 +350,10 @@ class Coordinator:
             limit = self._max_connections - 1
             if callable(size):
                 limit = max(1, min(limit, int(size())))
-            return EngineSource(self._engine, dsn, limit=limit, timeout=rt.connect_timeout)
+            import sqlalchemy as sa
+
+            kind = SyncEngineSource if isinstance(self._engine, sa.Engine) else EngineSource
+            return kind(self._engine, dsn, limit=limit, timeout=rt.connect_timeout)
         source = await link.open_pool(
             max_size=self._max_connections - 1, connect_timeout=rt.connect_timeout
         )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -18,6 +19,14 @@ from pgcoord import _kept
 from tests.support import client_backends, wait_until
 
 wait_for = functools.partial(wait_until, timeout=10.0)
+
+
+def wait_until_sync(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``condition`` from sync code until it is true (AssertionError after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
 
 
 def _url(dsn: str, driver: str = "psycopg") -> sa.URL:
@@ -104,14 +113,86 @@ def test_an_engine_with_another_driver_is_refused_naming_the_supported_one(dsn: 
     assert "asyncpg" in str(info.value)
 
 
-def test_a_sync_engine_is_refused_pointing_at_create_async_engine(dsn: str) -> None:
-    engine = sa.create_engine(_url(dsn))
-    with pytest.raises(pgcoord.InvalidTypeError, match="create_async_engine"):
-        pgcoord.Coordinator(engine=engine)
+@pytest.fixture
+def sync_engine(dsn: str) -> Iterator[sa.Engine]:
+    """A sync application's engine (Flask, Django with SQLAlchemy, scripts)."""
+    engine = sa.create_engine(_url(dsn), pool_size=3, max_overflow=0, pool_pre_ping=True)
+    yield engine
+    engine.dispose()
+
+
+def test_a_sync_engine_lends_the_work_connections_of_a_blocking_coordinator(
+    sync_engine: sa.Engine, dsn: str
+) -> None:
+    with pgcoord.BlockingCoordinator(engine=sync_engine, app="ridden_sync") as coord:
+        got: list[Any] = []
+        coord.pubsub_manager.subscribe("news", got.append)
+        coord.pubsub_manager.publish("news", {"n": 1})
+        coord.cache.set("k", [1, 2])
+        assert coord.cache.get("k") == [1, 2]
+        assert coord.event_queue.publish("jobs", {"x": 1}) is not None
+        with coord.lock_manager.lock("report", ttl=30) as lock:
+            assert lock.held
+        assert coord.lock_manager.run_exclusive("report", lambda: 7) == 7
+        wait_until_sync(lambda: got == [{"n": 1}])
+        time.sleep(_kept.HOLD * 2)  # kept-warm connections go back to the engine
+        pool = sync_engine.pool
+        engine_conns = pool.checkedin() + pool.checkedout()  # type: ignore[attr-defined]
+        assert engine_conns >= 1
+        assert client_backends(dsn) == engine_conns + 1  # the listener is all pgcoord adds
+        assert pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_sync_engines_connections_come_back_as_they_were_lent(
+    sync_engine: sa.Engine,
+) -> None:
+    notices: list[str] = []
+
+    @sa.event.listens_for(sync_engine, "connect")
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.add_notice_handler(lambda diag: notices.append(diag.message_primary))
+
+    # The host's own statement, prepared by psycopg on the session (prepare_threshold 0).
+    with sync_engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    with pgcoord.BlockingCoordinator(engine=sync_engine, app="ridden_sync", max_connections=2):
+        pass  # start() ran statements on the engine's connection
+    with pgcoord.BlockingCoordinator(engine=sync_engine, app="ridden_sync", max_connections=2) as c:
+        for n in range(10):  # often enough that psycopg would prepare them
+            c.cache.set("k", n)  # committed on its own although the engine's autocommit is off
+            assert c.cache.get("k") == n
+        assert c.lock_manager.run_exclusive("k", lambda: 1) == 1
+    with sync_engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        assert isinstance(raw, psycopg.Connection)
+        assert raw.autocommit is False
+        raw.prepare_threshold = 0
+        for _ in range(3):  # psycopg's own prepared statements still work on the session
+            assert conn.exec_driver_sql("SELECT 1 + 1").scalar_one() == 2
+        count = conn.execute(sa.text("SELECT count(*) FROM pgcoord.cache_entries"))
+        assert count.scalar_one() >= 1
+        conn.rollback()
+        # Notices on the session reach the host's handler again, not pgcoord's view of it.
+        conn.exec_driver_sql("DO $$ BEGIN RAISE NOTICE 'hello host'; END $$")
+    assert "hello host" in notices
+
+
+def test_a_sync_engine_checkout_that_outlives_its_wait_goes_back(dsn: str) -> None:
+    # The engine's single connection is held by the host past pgcoord's connect_timeout: the
+    # borrow fails within it, and the checkout that then completes in the thread returns.
+    engine = sa.create_engine(_url(dsn), pool_size=1, max_overflow=0, pool_timeout=30)
+    try:
+        with pgcoord.BlockingCoordinator(engine=engine, connect_timeout=2) as coord:
+            with engine.connect(), pytest.raises(pgcoord.ConnectionFailedError):
+                coord.cache.get("k")
+            wait_until_sync(lambda: engine.pool.checkedout() == 0)  # type: ignore[attr-defined]
+            assert coord.cache.get("k") is None
+    finally:
+        engine.dispose()
 
 
 def test_something_else_as_engine_is_a_type_error() -> None:
-    with pytest.raises(TypeError, match="AsyncEngine"):
+    with pytest.raises(TypeError, match="Engine or AsyncEngine"):
         pgcoord.Coordinator(engine="postgresql://localhost/db")
 
 
