@@ -121,7 +121,10 @@ async def test_stop_while_a_granted_acquisition_is_returning_leaves_nothing_behi
         # One work connection, so the acquisition surely runs on the one behind gate 1 (the
         # listener connects first, through gate 0).
         a = await make_coord(app=APP, dsn=await proxy.start(), pool_size=1)
-        await a.lock_manager.run_exclusive("k", lambda: None)
+        # Twice: the session learns the token epoch, then prepares the hot statements
+        # (pgcoord/_prepared.py), so the acquisition below is one statement, one reply.
+        for _ in range(2):
+            await a.lock_manager.run_exclusive("k", lambda: None)
         work_gate = proxy.replies[1]
         work_gate.clear()  # the server's replies on the work connection are held back
         acquiring = asyncio.create_task(a.lock_manager.acquire("k", ttl=None))
