@@ -101,17 +101,25 @@ async def run(
         if ready is None or statement.name not in ready:
             await _prepare(conn, statement)
             _READY.setdefault(conn, set()).add(statement.name)
-        conn.pgconn.send_query_prepared(statement.name, params, formats, BINARY_FORMAT)
-        result = await _one_result(conn)
+        result = await _execute(conn, statement, params, formats)
         if result.status == _TUPLES_OK:  # the hot case, checked first
             return result
         if _sqlstate(result) == _UNKNOWN_STATEMENT:
             # Deallocated by someone else; nothing ran. Prepare it again and resend.
             await _prepare(conn, statement)
-            conn.pgconn.send_query_prepared(statement.name, params, formats, BINARY_FORMAT)
-            result = await _one_result(conn)
+            result = await _execute(conn, statement, params, formats)
     _check(result)
     return result
+
+
+async def _execute(
+    conn: Connection,
+    statement: Statement,
+    params: Sequence[bytes | None],
+    formats: Sequence[int],
+) -> pq.abc.PGresult:
+    conn.pgconn.send_query_prepared(statement.name, params, formats, BINARY_FORMAT)
+    return await _one_result(conn)
 
 
 async def _prepare(conn: Connection, statement: Statement) -> None:
