@@ -8,6 +8,8 @@ success with an exact round trip (the value read back has the same types all the
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import math
 import re
 from collections.abc import Callable
@@ -61,8 +63,35 @@ async def caches(module_coord: pgcoord.Coordinator) -> dict[str, Cache]:
     }
 
 
-async def _state(cache: Cache, db: psycopg.AsyncConnection[Any]) -> tuple[Any, ...]:
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    """The table's rows (with their expiry) and the cache's listing, as of ``taken_at``.
+
+    Two snapshots compare equal when they hold the same rows, leaving out rows that had
+    expired before the earlier of the two was taken: the cache counts those as absent, and any
+    instance's sweeper may delete them at any moment (an earlier example's short-lived rows).
+    """
+
+    rows: list[tuple[Any, ...]]
+    listing: list[tuple[str, str]]
+    taken_at: datetime.datetime
+
+    def _live(self, since: datetime.datetime) -> list[tuple[Any, ...]]:
+        return [row for row in self.rows if row[3] is None or row[3] > since]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Snapshot):
+            return NotImplemented
+        since = min(self.taken_at, other.taken_at)
+        return (self._live(since), self.listing) == (other._live(since), other.listing)
+
+    def __hash__(self) -> int:
+        raise TypeError("snapshots are compared, not hashed")
+
+
+async def _state(cache: Cache, db: psycopg.AsyncConnection[Any]) -> _Snapshot:
     """What a refused call must leave unchanged: the whole table, and the cache's listing."""
+    [(taken_at,)] = await gen.table(db, "SELECT clock_timestamp()")
     listed = await cache.keys()
     values = await cache.mget(*listed)
     everything = await gen.table(
@@ -72,7 +101,7 @@ async def _state(cache: Cache, db: psycopg.AsyncConnection[Any]) -> tuple[Any, .
         "SELECT ns, key, value, expires_at FROM pgcoord.cache_entries"
         " WHERE ns NOT LIKE '%;near:%' ORDER BY ns, key",
     )
-    return everything, list(zip(listed, map(ascii, values), strict=True))
+    return _Snapshot(everything, list(zip(listed, map(ascii, values), strict=True)), taken_at)
 
 
 def _effective_ttl(cache: Cache, ttl: Any) -> float | None:
