@@ -595,8 +595,9 @@ async def test_a_flood_past_the_pending_bound_loses_no_sync_message(
     await a.sync_message_manager.publish("s", "before")
     assert await sync_in.wait_for(1) == ["before"]
     engine = b.pubsub_manager._engine
-    # Reads keep up with 10,000 pending notifications on this machine: a bound of 100 makes
-    # the flood overflow it while two reads are in flight.
+    # A bound of 100 pending notifications, and the log held locked while the flood arrives:
+    # the reads in flight wait, so the flood surely overflows the bound (left to the machine's
+    # speed, the reads sometimes kept up and nothing was dropped).
     engine.pending_max = 100
 
     def forge(channel: str, template: str, count: int) -> None:
@@ -606,15 +607,22 @@ async def test_a_flood_past_the_pending_bound_loses_no_sync_message(
                 (channel, template, count),
             )
 
-    flood = asyncio.gather(
-        asyncio.to_thread(forge, wire(b, "sync", "s"), '{"p":%s}', 50_000),
-        asyncio.to_thread(forge, wire(b, "wake", "transactions"), "%s", 50_000),
-    )
-    # Published while the flood arrives: its pointer may well be let go past the bound, and
-    # is then read back by commit_seq.
-    for n in range(20):
-        await a.sync_message_manager.publish("s", n)
-    await flood
+    async def publish_during_the_flood() -> None:
+        # Their pointers arrive among the flood's: they may well be let go past the bound,
+        # and are then read back by commit_seq.
+        for n in range(20):
+            await a.sync_message_manager.publish("s", n)
+
+    async with await psycopg.AsyncConnection.connect(dsn) as locker:
+        await locker.execute("LOCK TABLE pgcoord.message_log IN ACCESS EXCLUSIVE MODE")
+        await asyncio.gather(
+            asyncio.to_thread(forge, wire(b, "sync", "s"), '{"p":%s}', 50_000),
+            asyncio.to_thread(forge, wire(b, "wake", "transactions"), "%s", 50_000),
+        )
+        publishing = asyncio.create_task(publish_during_the_flood())  # waits for the lock
+        await asyncio.sleep(0.2)
+        await locker.commit()
+    await publishing
     await a.sync_message_manager.publish("s", "after")
     await sync_in.wait_for(22, timeout=60.0)
     await settle()
