@@ -182,8 +182,10 @@ class EventQueue(Service):
         self._waiter_lock = asyncio.Lock()
         self._renewer = asyncio.create_task(self._renew_loop(), name="pgcoord-queue-leases")
         self._started = True
-        for worker in self._workers.values():
-            await self._activate(worker)
+        workers = list(self._workers.values())
+        for worker in workers:
+            await self._activate(worker, registered=False)
+        await asyncio.gather(*(self._registered(w) for w in workers))
 
     async def stop(self) -> None:
         self._started = False
@@ -223,10 +225,20 @@ class EventQueue(Service):
         except PgcoordError:
             return False
 
-    async def _activate(self, worker: Worker) -> None:
+    async def _activate(self, worker: Worker, *, registered: bool = True) -> None:
         await self._rt.listener.listen(worker.pg_channel, worker.on_notify)
         self._rt.listener.add_lost_hook(worker.on_lost)
         worker.start()
+        if registered:
+            await self._registered(worker)
+
+    @staticmethod
+    async def _registered(worker: Worker) -> None:
+        # Back only once the worker's queue_waiters row says it may sleep: a publish that
+        # begins after subscribe() (or start()) returned then sees it and sends the NOTIFY,
+        # however late it commits. Until then its statement could predate the row, commit
+        # after the worker's first claim, and leave the job to the safety net.
+        await worker.wait_registered()
 
     async def _deactivate(self, worker: Worker) -> list[tuple[int, int]]:
         self._draining.add(worker)
@@ -260,7 +272,8 @@ class EventQueue(Service):
         comes due. ``interval`` is the poll period only while NOTIFYs cannot arrive (the
         listener is reconnecting) and while ``idle()`` returns False (it is asked again every
         ``interval``). Subscribing again to the same channel replaces the earlier
-        subscription. May be called before ``start()``.
+        subscription. May be called before ``start()``. Once it (or ``start()``) returns,
+        the worker is registered as a possible sleeper: a job published from then on wakes it.
         """
         check_key(channel, "channel")
         opts = subscribe_options(

@@ -92,6 +92,8 @@ class Worker:
         #: What queue_waiters says about us: True may sleep (wants NOTIFYs), False busy
         #: claiming back-to-back, None not registered (yet, or the write failed).
         self.idle_state: bool | None = None
+        #: Set once the first registration as a possible sleeper was tried (done or failed).
+        self.registered = asyncio.Event()
         self._full_claims = 0
         #: Slots taken: jobs whose task or handler thread has not ended (see RunningJob.holds).
         self._busy = 0
@@ -133,10 +135,22 @@ class Worker:
         """Start the claim loop."""
         self.closing = False
         self.idle_state = None
+        self.registered.clear()
         self._full_claims = 0
         self._busy = 0
         self._generation += 1
         self._task = asyncio.create_task(self._guarded(), name=f"pgcoord-queue-{self.channel}")
+
+    async def wait_registered(self) -> None:
+        """Until the first registration as a possible sleeper was tried (or the loop ended)."""
+        task = self._task
+        if task is None or self.registered.is_set():
+            return
+        waiting = asyncio.ensure_future(self.registered.wait())
+        try:
+            await asyncio.wait((waiting, task), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
 
     async def stop(self, grace: float) -> list[tuple[int, int]]:
         """Stop claiming, let running jobs finish for ``grace`` s, then cancel the rest.
@@ -231,7 +245,10 @@ class Worker:
     async def _loop(self) -> None:
         # Registered as possibly asleep before the first claim, so that no job published
         # after that claim can go without a NOTIFY.
-        await self._mark(True)
+        try:
+            await self._mark(True)
+        finally:
+            self.registered.set()
         backoff = Backoff(_ERROR_BACKOFF_FIRST, _ERROR_BACKOFF_MAX)
         interval = self.opts.interval
         idle = self.opts.idle

@@ -125,6 +125,46 @@ async def test_a_retry_runs_after_its_backoff_without_polling(make_coord: CoordF
     assert tries[1][1] - tries[0][1] >= 0.4
 
 
+async def test_a_publish_begun_after_subscribe_returns_wakes_the_new_worker(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    # subscribe() returns once its worker is registered as a possible sleeper, so a publish
+    # begun after it sends the NOTIFY even when it commits only after the worker's first claim
+    # found nothing. Here the publish waits inside its statement for another transaction that
+    # holds the same idempotency key; once that one rolls back, the job commits.
+    coord = await make_coord(queue_idle_poll=NEVER)
+    eq = coord.event_queue
+    runs: list[Any] = []
+
+    async def process(message: Any, ctx: pgcoord.JobContext) -> None:
+        runs.append(message)
+
+    def publish() -> asyncio.Task[int]:
+        return asyncio.create_task(eq.publish("fresh", "x", idempotency_key="k"))
+
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as holder,
+        await psycopg.AsyncConnection.connect(dsn) as locker,
+    ):
+        await eq.publish("fresh", "held", idempotency_key="k", transaction=holder)
+        # The worker's registration is held back as long as the test can: had subscribe()
+        # returned without it, the publish would begin before it and see no sleeper.
+        await locker.execute("LOCK TABLE pgcoord.queue_waiters IN SHARE MODE")
+        subscribing = asyncio.create_task(eq.subscribe("fresh", process=process, interval=NEVER))
+        await asyncio.sleep(0.5)
+        publishing = publish() if subscribing.done() else None
+        await asyncio.sleep(0.3)
+        await locker.commit()
+        await subscribing
+        publishing = publishing or publish()
+        await asyncio.sleep(1.0)  # the worker claimed, found nothing, and sleeps
+        assert not publishing.done()
+        await holder.rollback()
+    await publishing
+    await _until(lambda: runs, timeout=10.0)
+    assert runs == ["x"]
+
+
 async def test_a_retry_written_late_still_runs_soon_after_it_is_written(
     make_coord: CoordFactory, dsn: str
 ) -> None:
