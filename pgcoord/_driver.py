@@ -92,6 +92,17 @@ def went_away(conn: psycopg.AsyncConnection[Any]) -> bool:
         return True
 
 
+def end_session(conn: psycopg.AsyncConnection[Any]) -> None:
+    """End ``conn``'s session for real, letting go of every lock it holds.
+
+    Not ``conn.close()``: a connection of a psycopg_pool made with ``close_returns=True`` goes
+    back to its pool on ``close()``, session and locks included. Whoever lent the connection
+    then finds it closed when it comes home and discards it.
+    """
+    with contextlib.suppress(Exception):
+        conn.pgconn.finish()
+
+
 def connect_kwargs(connect_timeout: float) -> dict[str, Any]:
     """Keyword arguments for every pgcoord connection."""
     # libpq takes whole seconds and treats values under 2 as 2. The client encoding is fixed to

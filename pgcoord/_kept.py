@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 
-from pgcoord._driver import went_away
+from pgcoord._driver import end_session, went_away
 from pgcoord._retry import TaskSet
 
 Conn = psycopg.AsyncConnection[Any]
@@ -104,7 +104,7 @@ class KeptConnections:
         # The source checks the connection and discards it if broken; a closed one closes it.
         with contextlib.suppress(Exception):
             if close:
-                await conn.close()
+                end_session(conn)
             await self._give_back(conn)
 
     async def close(self) -> None:

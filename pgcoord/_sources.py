@@ -60,7 +60,7 @@ class WorkSource:
             for _ in range(self.capacity):
                 if not _driver.went_away(conn):
                     break
-                await conn.close()
+                _driver.end_session(conn)
                 await self._return(conn)  # the source discards a closed connection
                 conn = await self._bounded_borrow(timeout)
             if not conn.autocommit:

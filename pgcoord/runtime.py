@@ -147,7 +147,7 @@ class Runtime:
         """Give back a connection from :meth:`acquire` (kept warm for a moment, or returned)."""
         source = self._source
         if source is None:
-            await conn.close()
+            _driver.end_session(conn)
             return
         await source.release(conn, keep=self.running)
 

@@ -144,8 +144,7 @@ class ClusterLocks:
                 if held or not only_if_idle:
                     # Locks may still be held (a failed statement, or stop): closing the session
                     # is the one sure way to let go of them before the pool sees it again.
-                    with contextlib.suppress(Exception):
-                        await conn.close()
+                    _driver.end_session(conn)
                 await self._give_back(conn)
 
     async def _give_back(self, conn: psycopg.AsyncConnection[Any]) -> None:

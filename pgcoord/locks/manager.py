@@ -614,8 +614,7 @@ class LockManager(Service):
                 break  # could not promote now (listener down): wait for a connection instead
 
     async def _discard(self, conn: Connection) -> None:
-        with contextlib.suppress(Exception):
-            await conn.close()
+        _driver.end_session(conn)
         with contextlib.suppress(Exception):
             await self._rt.release(conn)
 

@@ -8,6 +8,7 @@ import contextlib
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
 import pgcoord
 from tests.support import CoordFactory
@@ -141,6 +142,42 @@ async def test_stop_while_a_granted_acquisition_is_returning_leaves_nothing_behi
         lock = await b.lock_manager.try_acquire("k", timeout=10)
         await lock.release()
     finally:
+        await proxy.close()
+
+
+async def test_a_given_up_lock_session_ends_even_in_a_pool_whose_close_returns(
+    make_coord: CoordFactory, dsn: str
+) -> None:
+    # psycopg_pool's close_returns=True makes conn.close() give the connection back to the
+    # pool: a session pgcoord gives up while it may hold a lock must end for real instead,
+    # or the caller's pool lends out a session that still holds the lock.
+    proxy = HoldingProxy(dsn)
+    via = await proxy.start()
+    pool = AsyncConnectionPool(via, min_size=1, max_size=1, close_returns=True, open=False)
+    await pool.open(wait=True)  # its one connection goes through gate 0
+    try:
+        a = await make_coord(app=APP, dsn=via, pool=pool)
+        for _ in range(2):  # warm: the acquisition below is one statement, one reply
+            await a.lock_manager.run_exclusive("k", lambda: None)
+        work_gate = proxy.replies[0]
+        work_gate.clear()
+        acquiring = asyncio.create_task(a.lock_manager.acquire("k", ttl=None))
+        await wait_until_granted(dsn)
+        stopping = asyncio.create_task(a.stop())
+        await asyncio.sleep(0.2)
+        work_gate.set()  # the grant arrives after stop() began: pgcoord gives the session up
+        with pytest.raises(pgcoord.NotRunningError):
+            await asyncio.wait_for(acquiring, 30)
+        await asyncio.wait_for(stopping, 30)
+        assert advisory_locks(dsn) == 0
+        async with pool.connection() as conn:  # and the pool lends a session holding nothing
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND pid = pg_backend_pid()"
+            )
+            assert await cur.fetchone() == (0,)
+    finally:
+        await pool.close()
         await proxy.close()
 
 
