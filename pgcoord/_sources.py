@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pgcoord import _driver
 from pgcoord._deadline import Connection
 from pgcoord._kept import Conn, KeptConnections
-from pgcoord.errors import ConnectionFailedError, InvalidTypeError
+from pgcoord.errors import ConnectionFailedError, InvalidInputError, InvalidTypeError
 
 #: The SQLAlchemy driver ``engine=`` accepts (``postgresql+psycopg``, sync or async).
 SUPPORTED_DRIVER = "postgresql+psycopg"
@@ -349,7 +349,8 @@ def engine_dsn(engine: Any) -> str:
     """The libpq conninfo of a SQLAlchemy engine's URL (password included), for the listener.
 
     Refuses what cannot lend psycopg connections: something that is not an ``Engine`` or
-    ``AsyncEngine``, or another driver than psycopg 3.
+    ``AsyncEngine``, another driver than psycopg 3, or a pool that lends one connection to
+    several borrowers at once (``StaticPool``, ``SingletonThreadPool``).
     """
     import sqlalchemy as sa
 
@@ -368,6 +369,15 @@ def engine_dsn(engine: Any) -> str:
             f"engine= supports the {SUPPORTED_DRIVER} driver only (create_engine or "
             f"create_async_engine('{SUPPORTED_DRIVER}://...')); this engine uses "
             f"{dialect.name}+{dialect.driver}"
+        )
+    pool = engine.pool
+    if isinstance(pool, sa.pool.StaticPool | sa.pool.SingletonThreadPool):
+        # They lend the connection already out to the next borrower too: two lock holders
+        # would share one session, which re-grants its own advisory locks to either.
+        raise InvalidInputError(
+            f"engine= needs a pool that lends each connection to one borrower at a time; "
+            f"this engine's {type(pool).__name__} shares them (use the default QueuePool, "
+            f"or NullPool)"
         )
     cargs, cparams = dialect.create_connect_args(engine.url)
     params = {k: v for k, v in cparams.items() if isinstance(v, str | int) and v is not None}

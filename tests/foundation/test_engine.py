@@ -200,3 +200,26 @@ async def test_engine_and_pool_together_are_refused(engine: AsyncEngine, dsn: st
     pool = AsyncConnectionPool(dsn, open=False)
     with pytest.raises(pgcoord.InvalidInputError, match="not both"):
         pgcoord.Coordinator(engine=engine, pool=pool)
+
+
+@pytest.mark.parametrize(
+    ("kind", "pool_class"),
+    [
+        ("sync", sa.pool.StaticPool),
+        ("sync", sa.pool.SingletonThreadPool),
+        ("async", sa.pool.StaticPool),  # (SQLAlchemy refuses the other one itself)
+    ],
+)
+def test_an_engine_whose_pool_lends_one_connection_twice_is_refused(
+    dsn: str, kind: str, pool_class: type[sa.pool.Pool]
+) -> None:
+    # Such a pool hands the connection already lent to the next borrower too: two lock
+    # acquisitions would share one session, and a session re-grants its own advisory locks.
+    make = sa.create_engine if kind == "sync" else create_async_engine
+    engine = make(_url(dsn), poolclass=pool_class)
+    try:
+        with pytest.raises(pgcoord.InvalidInputError, match=pool_class.__name__):
+            pgcoord.Coordinator(engine=engine)
+    finally:
+        if isinstance(engine, sa.Engine):
+            engine.dispose()
