@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -254,8 +256,9 @@ class SyncEngineSource(EngineSource):
     non-blocking mode either way; while the engine's pool has lent one to pgcoord, nothing else
     uses it, so pgcoord drives the same session from its event loop through an async view of it
     (:class:`_Lent`, one per sync connection, kept as long as it lives). Checkout and checkin
-    block (the pool's lock and ``pool_timeout``, the rollback on return), so they run in a
-    worker thread; a checkout that finishes after its borrower gave up goes straight back.
+    block (the pool's lock and ``pool_timeout``, the rollback on return), so they run in
+    worker threads of the source's own; a checkout that finishes after its borrower gave up
+    goes straight back (:class:`_Checkout`).
     The session's notice and notification handlers are the sync connection's again before it
     goes home; what pgcoord leaves on the session is what it leaves on any connection it
     borrows: autocommit off again, no transaction open.
@@ -263,20 +266,30 @@ class SyncEngineSource(EngineSource):
 
     def __init__(self, engine: Any, dsn: str, *, limit: int, timeout: float) -> None:
         super().__init__(engine, dsn, limit=limit, timeout=timeout)
+        # Checkouts block (the pool's lock, pool_timeout) and checkins do a round trip: they
+        # run on threads of their own, never on the application's default executor. At most
+        # `limit` are out and `limit` on their way back, so none waits for a thread.
+        self._threads = ThreadPoolExecutor(
+            max_workers=2 * limit, thread_name_prefix="pgcoord-engine"
+        )
         # Each sync connection's view, and the handlers the view put on the session.
         self._views: weakref.WeakKeyDictionary[Any, tuple[_Lent, tuple[Any, Any]]] = (
             weakref.WeakKeyDictionary()
         )
 
     async def _checkout(self) -> tuple[Conn, Any]:
-        loop = asyncio.get_running_loop()
-        pending = loop.run_in_executor(None, self.engine.raw_connection)
+        checkout = _Checkout(self.engine)
+        pending = asyncio.get_running_loop().run_in_executor(self._threads, checkout.run)
         try:
-            raw = await asyncio.shield(pending)
+            await asyncio.shield(pending)
         except BaseException:
-            # Given up (a timeout or a cancel): whatever the thread still checks out goes back.
-            pending.add_done_callback(_give_back_late)
+            # Given up (a timeout or a cancel): the thread gives back what it still checks
+            # out, even once this loop is gone; what it already handed over goes back here.
+            raw = checkout.abandon()
+            if raw is not None:
+                self._threads.submit(raw.close)
             raise
+        raw = checkout.take()
         try:
             sync_conn = raw.driver_connection
             if not isinstance(sync_conn, psycopg.Connection):
@@ -297,7 +310,7 @@ class SyncEngineSource(EngineSource):
             # The session's notices and notifications reach the view while pgcoord has it.
             pgconn.notice_handler, pgconn.notify_handler = notice, notify
         except BaseException:
-            await asyncio.to_thread(raw.close)
+            await asyncio.get_running_loop().run_in_executor(self._threads, raw.close)
             raise
         return view, (raw, lent)
 
@@ -305,16 +318,55 @@ class SyncEngineSource(EngineSource):
         raw, (notice, notify) = handle
         pgconn = conn.pgconn
         pgconn.notice_handler, pgconn.notify_handler = notice, notify
+        loop = asyncio.get_running_loop()
         if conn.closed or conn.broken:
-            await asyncio.to_thread(raw.invalidate)
-        await asyncio.to_thread(raw.close)
+            await loop.run_in_executor(self._threads, raw.invalidate)
+        await loop.run_in_executor(self._threads, raw.close)
+
+    async def close(self) -> None:
+        """Give kept connections back, then let the checkout threads end on their own."""
+        await super().close()
+        # A checkout still waiting in the engine's pool returns what it gets by itself.
+        self._threads.shutdown(wait=False)
 
 
-def _give_back_late(pending: asyncio.Future[Any]) -> None:
-    if pending.cancelled() or pending.exception() is not None:
-        return
-    raw = pending.result()
-    asyncio.get_running_loop().run_in_executor(None, raw.close)
+class _Checkout:
+    """One checkout from a sync engine, run in a worker thread, that its borrower may give up.
+
+    Whether the connection goes to the borrower or straight back is decided under a lock in
+    the thread itself: a checkout that ends after the borrower gave up (maybe after its event
+    loop closed) still returns the connection to the engine's pool.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._raw: Any = None
+
+    def run(self) -> None:
+        """In the worker thread: check a connection out for the borrower, if it still waits."""
+        raw = self._engine.raw_connection()
+        with self._lock:
+            if not self._abandoned:
+                self._raw = raw
+                return
+        with contextlib.suppress(Exception):
+            raw.close()
+
+    def take(self) -> Any:
+        """The connection :meth:`run` checked out (after it returned)."""
+        with self._lock:
+            raw, self._raw = self._raw, None
+        return raw
+
+    def abandon(self) -> Any:
+        """The borrower gives up: a connection already checked out is returned for it to give
+        back; one checked out from now on the thread gives back itself."""
+        with self._lock:
+            self._abandoned = True
+            raw, self._raw = self._raw, None
+        return raw
 
 
 def pool_dsn(pool: AsyncConnectionPool) -> str | None:

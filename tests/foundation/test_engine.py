@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -187,6 +188,29 @@ def test_a_sync_engine_checkout_that_outlives_its_wait_goes_back(dsn: str) -> No
                 coord.cache.get("k")
             wait_until_sync(lambda: engine.pool.checkedout() == 0)  # type: ignore[attr-defined]
             assert coord.cache.get("k") is None
+    finally:
+        engine.dispose()
+
+
+def test_a_sync_engine_checkout_that_ends_after_the_coordinator_closed_goes_back(
+    dsn: str,
+) -> None:
+    # As above, but the BlockingCoordinator is closed (its event loop gone) before the host
+    # lets its connection go: the checkout still waiting in the thread must go back anyway.
+    engine = sa.create_engine(_url(dsn), pool_size=1, max_overflow=0, pool_timeout=60)
+    try:
+        with pgcoord.BlockingCoordinator(engine=engine, connect_timeout=1) as coord:
+            host = engine.connect()  # waits for pgcoord's kept connection to go back first
+            try:
+                with pytest.raises(pgcoord.ConnectionFailedError):
+                    coord.cache.get("k")
+                coord.close()
+            finally:
+                host.close()  # the checkout waiting in the thread gets the connection now
+        wait_until_sync(lambda: engine.pool.checkedout() == 0)  # type: ignore[attr-defined]
+        gc.collect()
+        # Checked back in, not left to the garbage collector (which would throw it away).
+        assert engine.pool.checkedin() == 1  # type: ignore[attr-defined]
     finally:
         engine.dispose()
 
