@@ -166,7 +166,7 @@ async def run(ctx: BenchContext) -> None:
         "cycles/s",
         baseline="raw pg_advisory_lock+unlock, 1 conn, via psycopg conn.execute()",
         baseline_value=raw,
-        note="goal >= 0.8 (vs the libpq-direct pair: next row)",
+        note="goal >= 0.8 (this baseline; the libpq floor is the next row)",
     )
     ctx.row(
         "uncontended run_exclusive, 1 task",

@@ -15,7 +15,8 @@ import contextlib
 import functools
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -267,10 +268,12 @@ class SyncEngineSource(EngineSource):
     def __init__(self, engine: Any, dsn: str, *, limit: int, timeout: float) -> None:
         super().__init__(engine, dsn, limit=limit, timeout=timeout)
         # Checkouts block (the pool's lock, pool_timeout) and checkins do a round trip: they
-        # run on threads of their own, never on the application's default executor. At most
-        # `limit` are out and `limit` on their way back, so none waits for a thread.
-        self._threads = ThreadPoolExecutor(
-            max_workers=2 * limit, thread_name_prefix="pgcoord-engine"
+        # run on threads of their own, never on the application's default executor. Checkins
+        # have their own: a checkout given up keeps blocking its thread until pool_timeout,
+        # and a checkin queued behind it would hold back the very connection it waits for.
+        self._threads = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="pgcoord-engine")
+        self._checkins = ThreadPoolExecutor(
+            max_workers=limit, thread_name_prefix="pgcoord-engine-checkin"
         )
         # Each sync connection's view, and the handlers the view put on the session.
         self._views: weakref.WeakKeyDictionary[Any, tuple[_Lent, tuple[Any, Any]]] = (
@@ -283,11 +286,11 @@ class SyncEngineSource(EngineSource):
         try:
             await asyncio.shield(pending)
         except BaseException:
-            # Given up (a timeout or a cancel): the thread gives back what it still checks
+            # Given up (a timeout or a cancel) or failed: the thread gives back what it still checks
             # out, even once this loop is gone; what it already handed over goes back here.
             raw = checkout.abandon()
             if raw is not None:
-                self._threads.submit(raw.close)
+                self._in_checkin_thread(raw.close)
             raise
         raw = checkout.take()
         try:
@@ -310,7 +313,7 @@ class SyncEngineSource(EngineSource):
             # The session's notices and notifications reach the view while pgcoord has it.
             pgconn.notice_handler, pgconn.notify_handler = notice, notify
         except BaseException:
-            await asyncio.get_running_loop().run_in_executor(self._threads, raw.close)
+            await asyncio.wrap_future(self._in_checkin_thread(raw.close))
             raise
         return view, (raw, lent)
 
@@ -318,16 +321,34 @@ class SyncEngineSource(EngineSource):
         raw, (notice, notify) = handle
         pgconn = conn.pgconn
         pgconn.notice_handler, pgconn.notify_handler = notice, notify
-        loop = asyncio.get_running_loop()
         if conn.closed or conn.broken:
-            await loop.run_in_executor(self._threads, raw.invalidate)
-        await loop.run_in_executor(self._threads, raw.close)
+            await asyncio.wrap_future(self._in_checkin_thread(raw.invalidate))
+        await asyncio.wrap_future(self._in_checkin_thread(raw.close))
+
+    def _in_checkin_thread(self, give_back: Callable[[], None]) -> Future[None]:
+        try:
+            return self._checkins.submit(give_back)
+        except RuntimeError:
+            # Closed already: a connection still out when stop() ran comes home later, and
+            # must still go back to the engine rather than to the garbage collector.
+            done: Future[None] = Future()
+
+            def run() -> None:
+                try:
+                    give_back()
+                    done.set_result(None)
+                except BaseException as exc:
+                    done.set_exception(exc)
+
+            threading.Thread(target=run, name="pgcoord-engine-checkin", daemon=True).start()
+            return done
 
     async def close(self) -> None:
         """Give kept connections back, then let the checkout threads end on their own."""
         await super().close()
         # A checkout still waiting in the engine's pool returns what it gets by itself.
         self._threads.shutdown(wait=False)
+        self._checkins.shutdown(wait=False)
 
 
 class _Checkout:

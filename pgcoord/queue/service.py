@@ -273,7 +273,8 @@ class EventQueue(Service):
         listener is reconnecting) and while ``idle()`` returns False (it is asked again every
         ``interval``). Subscribing again to the same channel replaces the earlier
         subscription. May be called before ``start()``. Once it (or ``start()``) returns,
-        the worker is registered as a possible sleeper: a job published from then on wakes it.
+        the worker is registered as a possible sleeper (unless writing that failed, which is
+        logged): a job published from then on wakes it.
         """
         check_key(channel, "channel")
         opts = subscribe_options(

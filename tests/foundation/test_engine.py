@@ -247,3 +247,20 @@ def test_an_engine_whose_pool_lends_one_connection_twice_is_refused(
     finally:
         if isinstance(engine, sa.Engine):
             engine.dispose()
+
+
+async def test_a_sync_engine_connection_that_comes_home_after_stop_is_checked_in(dsn: str) -> None:
+    # A statement still out when stop() runs gives its connection back afterwards: it must go
+    # back to the engine's pool, not be left to the garbage collector.
+    engine = sa.create_engine(_url(dsn), pool_size=1, max_overflow=0, pool_timeout=30)
+    try:
+        coord = pgcoord.Coordinator(engine=engine)
+        await coord.start()
+        conn = await coord._rt.acquire()  # a statement of a service, under way
+        await coord.stop()
+        await coord._rt.release(conn)
+        await wait_for(lambda: engine.pool.checkedout() == 0)  # type: ignore[attr-defined]
+        gc.collect()
+        assert engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()

@@ -619,13 +619,15 @@ async def test_a_flood_past_the_pending_bound_loses_no_sync_message(
             asyncio.to_thread(forge, wire(b, "sync", "s"), '{"p":%s}', 50_000),
             asyncio.to_thread(forge, wire(b, "wake", "transactions"), "%s", 50_000),
         )
-        publishing = asyncio.create_task(publish_during_the_flood())  # waits for the lock
         # Released only once the wake-ups overflowed too: released after a fixed pause, a
         # slow listener had read only the pointers by then and kept up with the wake-ups.
         deadline = asyncio.get_running_loop().time() + 60.0
         while engine.dropped_notifications == 0:
             assert asyncio.get_running_loop().time() < deadline, "no wake-up was dropped"
             await asyncio.sleep(0.05)
+        # Started only now, so their wait for the lock stays within the command timeout.
+        publishing = asyncio.create_task(publish_during_the_flood())
+        await asyncio.sleep(0.2)
         await locker.commit()
     await publishing
     await a.sync_message_manager.publish("s", "after")
