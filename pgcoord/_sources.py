@@ -286,8 +286,9 @@ class SyncEngineSource(EngineSource):
         try:
             await asyncio.shield(pending)
         except BaseException:
-            # Given up (a timeout or a cancel) or failed: the thread gives back what it still checks
-            # out, even once this loop is gone; what it already handed over goes back here.
+            # Given up (a timeout or a cancel) or failed: the thread gives back what it still
+            # checks out, even once this loop is gone; what it already handed over goes back
+            # here.
             raw = checkout.abandon()
             if raw is not None:
                 self._in_checkin_thread(raw.close)

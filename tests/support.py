@@ -311,15 +311,20 @@ def emit(**fields: Any) -> None:
 
 def client_backends(dsn: str, *, user: str | None = None) -> int:
     """Client backends connected to ``dsn``'s database (of ``user`` if given), not this query's."""
+    return len(client_backend_rows(dsn, user=user))
+
+
+def client_backend_rows(dsn: str, *, user: str | None = None) -> list[tuple[Any, ...]]:
+    """(application_name, state, query, backend_start, state_change) of each backend
+    :func:`client_backends` counts: what an assertion message shows of those left over."""
     dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+        return conn.execute(
+            "SELECT application_name, state, query, backend_start, state_change"
+            " FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
             " AND backend_type = 'client backend' AND (%s::text IS NULL OR usename = %s)",
             (dbname, user, user),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+        ).fetchall()
 
 
 @contextlib.contextmanager

@@ -185,7 +185,7 @@ class EventQueue(Service):
         workers = list(self._workers.values())
         for worker in workers:
             await self._activate(worker, registered=False)
-        await asyncio.gather(*(self._registered(w) for w in workers))
+        await asyncio.gather(*(w.wait_registered() for w in workers))
 
     async def stop(self) -> None:
         self._started = False
@@ -229,16 +229,13 @@ class EventQueue(Service):
         await self._rt.listener.listen(worker.pg_channel, worker.on_notify)
         self._rt.listener.add_lost_hook(worker.on_lost)
         worker.start()
-        if registered:
-            await self._registered(worker)
-
-    @staticmethod
-    async def _registered(worker: Worker) -> None:
         # Back only once the worker's queue_waiters row says it may sleep: a publish that
         # begins after subscribe() (or start()) returned then sees it and sends the NOTIFY,
         # however late it commits. Until then its statement could predate the row, commit
-        # after the worker's first claim, and leave the job to the safety net.
-        await worker.wait_registered()
+        # after the worker's first claim, and leave the job to the safety net. (start()
+        # waits for all its workers at once.)
+        if registered:
+            await worker.wait_registered()
 
     async def _deactivate(self, worker: Worker) -> list[tuple[int, int]]:
         self._draining.add(worker)

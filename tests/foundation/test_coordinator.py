@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 import pgcoord
-from tests.support import CoordFactory, client_backends
+from tests.support import CoordFactory, client_backend_rows, client_backends
 
 
 async def test_context_manager_returns_the_started_coordinator(dsn: str) -> None:
@@ -48,13 +48,8 @@ async def test_idle_instance_holds_two_connections_and_stop_releases_all(dsn: st
         if client_backends(dsn) == 0:
             break
         await asyncio.sleep(0.05)
-    with psycopg.connect(dsn) as conn:
-        left = conn.execute(
-            "SELECT application_name, state, query, backend_start, state_change FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            " AND backend_type = 'client backend'"
-        ).fetchall()
-    assert client_backends(dsn) == 0, left
+    left = client_backend_rows(dsn)
+    assert left == [], left
     leftover = {t for t in asyncio.all_tasks() if not t.done()} - before
     assert leftover == set()
 
