@@ -122,11 +122,16 @@ async def check_start(dsn: str, app: str, kwargs: dict[str, Any]) -> None:
                 return
             raise
         value = {"ok": [True, 1.5, "\x00"]}
-        stored, error = await outcome(coord.cache.set("k", value))
-        if stored:
-            assert_same(await asyncio.wait_for(coord.cache.get("k"), BOUND), value)
-        else:
-            assert isinstance(error, pgcoord.PayloadTooLargeError), error
+        try:
+            stored, error = await outcome(coord.cache.set("k", value))
+            if stored:
+                assert_same(await asyncio.wait_for(coord.cache.get("k"), BOUND), value)
+            elif not (hurried and isinstance(error, pgcoord.ConnectionFailedError)):
+                assert isinstance(error, pgcoord.PayloadTooLargeError), error
+        except pgcoord.ConnectionFailedError:
+            # Under 10 ms a round trip after start() may time out too (CI: a get at 1 ms).
+            if not hurried:
+                raise
     finally:
         await asyncio.wait_for(coord.stop(), BOUND)
     assert not coord.running
